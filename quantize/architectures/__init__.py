@@ -1,0 +1,65 @@
+"""One module per HF architecture; each registers the `config.json` architecture names it converts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import gguf
+import numpy as np
+
+from quantize.errors import UnsupportedArchitecture
+
+
+class Architecture(Protocol):
+    """What the converter needs from a model family: hyper-parameters and a tensor mapping."""
+
+    gguf_arch: gguf.MODEL_ARCH
+    vocab_size: int
+
+    def write_hparams(self, writer: gguf.GGUFWriter) -> None: ...
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        """The GGUF tensor name for an HF tensor, or None to leave it out (lm_head, rotary caches)."""
+
+    def transform(self, gguf_name: str, data: np.ndarray) -> np.ndarray:
+        """Reorder or reshape the float32 data for llama.cpp (e.g. the rope permutation of Q/K)."""
+
+    def extra_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Tensors llama.cpp needs that the checkpoint does not hold (e.g. Llama-3.1 rope factors)."""
+
+
+# HF architecture name -> (class, is a causal LM that needs an explicit embedder declaration)
+_REGISTRY: dict[str, tuple[type, bool]] = {}
+
+
+def register(*names: str, causal_lm: bool = False):
+    def wrap(cls: type) -> type:
+        for name in names:
+            _REGISTRY[name] = (cls, causal_lm)
+        return cls
+
+    return wrap
+
+
+def supported() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def for_config(config: dict, embedder: bool, where: str) -> Architecture:
+    """The converter for CONFIG; causal LMs only when the caller declared them as embedders."""
+    name = (config.get("architectures") or ["<missing>"])[0]
+    if name not in _REGISTRY:
+        raise UnsupportedArchitecture(
+            f"{where}: architecture {name} is not supported; supported: {', '.join(supported())}"
+        )
+    cls, causal_lm = _REGISTRY[name]
+    if causal_lm and not embedder:
+        raise UnsupportedArchitecture(
+            f"{where}: {name} is a causal language model, not an embedder; declare it in models.toml "
+            "(embedder = true) or pass --as-embedder to run it bidirectionally with mean pooling"
+        )
+    return cls(config, where)
+
+
+from quantize.architectures import llama  # noqa: E402,F401  (registers itself)

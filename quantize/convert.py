@@ -1,0 +1,141 @@
+"""HF checkpoint -> one GGUF file (F32, F16 or BF16), streamed one tensor at a time.
+
+The story: resolve the source, pick the architecture from config.json, index the safetensors
+shards without reading them, write the GGUF header (hyper-parameters, tokenizer, provenance),
+then load, transform and write each tensor in turn. The file appears under its final name only
+once complete and fsynced.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from quantize import CONVERTER_VERSION, gguf_keys
+from quantize.architectures import Architecture, for_config
+from quantize.checkpoint import LazyTensor, open_checkpoint
+from quantize.files import atomic_path, models_home
+from quantize.registry import ModelEntry
+from quantize.source import Source, read_config, resolve
+from quantize.vocab import add_vocab
+
+OUTTYPES = {
+    "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
+    "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
+    "bf16": (gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16),
+}
+POOLING_TYPES = {
+    "mean": gguf.PoolingType.MEAN,
+    "cls": gguf.PoolingType.CLS,
+    "last": gguf.PoolingType.LAST,
+}
+
+
+@dataclass(frozen=True)
+class _Planned:
+    name: str
+    source: LazyTensor | np.ndarray
+    qtype: gguf.GGMLQuantizationType
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.source.shape)
+
+
+def convert(
+    source: str,
+    outdir: Path | None = None,
+    outtype: str = "f16",
+    revision: str | None = None,
+    as_embedder: bool = False,
+) -> Path:
+    """Convert SOURCE (HF dir, registry name or hub repo id) and return the GGUF path written."""
+    src = resolve(source, revision)
+    config = read_config(src.path)
+    entry = src.entry
+    arch = for_config(config, embedder=as_embedder or bool(entry and entry.embedder), where=source)
+    tensors = open_checkpoint(src.path)
+    name = entry.name if entry else (src.repo or src.path.name).split("/")[-1]
+    outdir = Path(outdir) if outdir else models_home() / name
+    outdir.mkdir(parents=True, exist_ok=True)
+    path = outdir / f"{name}-{outtype.upper()}.gguf"
+    write_gguf(path, arch, tensors, src, name, outtype)
+    return path
+
+
+def write_gguf(
+    path: Path, arch: Architecture, tensors: dict[str, LazyTensor], src: Source, name: str, outtype: str
+) -> None:
+    ftype, qtype = OUTTYPES[outtype]
+    plan = _plan(arch, tensors, qtype)
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
+        _write_metadata(w, arch, src, name, ftype)
+        add_vocab(w, src.path, arch.vocab_size)
+        for t in plan:
+            nbytes = _nbytes(t.shape, t.qtype)
+            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=t.qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t in plan:
+            data = t.source.load() if isinstance(t.source, LazyTensor) else t.source
+            w.write_tensor_data(_encode(arch.transform(t.name, data), t.qtype))
+            del data
+        w.close()
+
+
+def _plan(arch: Architecture, tensors: dict[str, LazyTensor], qtype: gguf.GGMLQuantizationType) -> list[_Planned]:
+    plan: list[_Planned] = []
+    for hf_name, lazy in tensors.items():
+        gguf_name = arch.gguf_name(hf_name)
+        if gguf_name is not None:
+            plan.append(_Planned(gguf_name, lazy, qtype if len(lazy.shape) >= 2 else gguf.GGMLQuantizationType.F32))
+    for gguf_name, data in arch.extra_tensors():
+        plan.append(_Planned(gguf_name, data, gguf.GGMLQuantizationType.F32))
+    return sorted(plan, key=lambda t: _natural_key(t.name))
+
+
+def _write_metadata(w: gguf.GGUFWriter, arch: Architecture, src: Source, name: str, ftype: int) -> None:
+    entry: ModelEntry | None = src.entry
+    w.add_name(name)
+    w.add_file_type(ftype)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if src.repo:
+        w.add_string(gguf_keys.SOURCE_REPO, src.repo)
+        w.add_source_repo_url(f"https://huggingface.co/{src.repo}")
+    w.add_string(gguf_keys.SOURCE_REVISION, src.revision or "local")
+    w.add_string(gguf_keys.CONVERTER_VERSION, CONVERTER_VERSION)
+    arch.write_hparams(w)
+    pooling = entry.pooling if entry else "mean"
+    w.add_pooling_type(POOLING_TYPES[pooling])
+    w.add_string(gguf_keys.POOLING, pooling)
+    if entry:
+        w.add_license(entry.license)
+        w.add_string(gguf_keys.LICENSE_NOTE, entry.license_note)
+        w.add_uint32(gguf_keys.MAX_LENGTH, entry.max_length)
+        w.add_string(gguf_keys.QUERY_PROMPT, entry.query_prompt)
+        w.add_string(gguf_keys.DOCUMENT_PROMPT, entry.document_prompt)
+        if entry.default_task:
+            w.add_string(gguf_keys.DEFAULT_TASK, entry.default_task)
+
+
+def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape)) // block * size
+
+
+def _encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return np.ascontiguousarray(data, dtype=np.float32)
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return np.ascontiguousarray(data, dtype=np.float16)
+    return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+
+
+def _natural_key(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]

@@ -1,0 +1,29 @@
+"""Typed errors shared by the conversion stage and the runner.
+
+Each carries a one-line message that names the input and says how to fix it; the CLI prints
+that line and exits non-zero (tracebacks only with --debug).
+"""
+
+
+class UserError(Exception):
+    """An error caused by the user's input or environment, reported as one line."""
+
+
+class ModelNotFound(UserError):
+    pass
+
+
+class UnsupportedArchitecture(UserError):
+    pass
+
+
+class CorruptModelFile(UserError):
+    pass
+
+
+class BadInput(UserError):
+    pass
+
+
+class EngineError(UserError):
+    pass

@@ -1,0 +1,43 @@
+"""The few process-wide facts about the llama.cpp bindings: quiet logging and this build's CPU features."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import llama_cpp
+
+_LOG_LEVEL_WARN = 3
+_log_lines: list[str] = []
+
+
+@llama_cpp.llama_log_callback
+def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    # llama.cpp logs every tensor at load; keep warnings and errors, to be quoted when something fails.
+    if level in (_LOG_LEVEL_WARN, _LOG_LEVEL_WARN + 1):
+        _log_lines.append(text.decode("utf-8", "replace").rstrip())
+        del _log_lines[:-20]
+
+
+@functools.cache
+def init() -> None:
+    """Route llama.cpp's logging through _log and initialise its backends (once per process)."""
+    llama_cpp.llama_log_set(_log, ctypes.c_void_p())
+    llama_cpp.llama_backend_init()
+
+
+def last_error() -> str:
+    return _log_lines[-1] if _log_lines else "no message from llama.cpp"
+
+
+@functools.cache
+def system_info() -> dict[str, str]:
+    """llama.cpp's feature report (`AVX512 = 1 | AMX_INT8 = 1 | ...`) as a dict."""
+    text = llama_cpp.llama_print_system_info().decode()
+    pairs = (part.split("=", 1) for part in text.replace("CPU :", "|").split("|") if "=" in part)
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def has_amx_kernels() -> bool:
+    """True when this build compiled ggml's AMX matmul (which crashed on these machines' CPUs)."""
+    return system_info().get("AMX_INT8") == "1"

@@ -1,0 +1,67 @@
+"""The model registry, models.toml: what each supported model is and where it comes from."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from quantize.errors import BadInput
+
+POOLINGS = ("mean", "cls", "last", "latent-attention")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    architecture: str
+    pooling: str
+    dims: int
+    max_length: int
+    license: str
+    repo: str | None = None
+    package: str | None = None
+    revision: str | None = None
+    query_prompt: str = "{text}"
+    document_prompt: str = "{text}"
+    default_task: str | None = None
+    license_note: str = ""
+    embedder: bool = False
+
+
+def registry_path() -> Path:
+    """models.toml: $EMBEDRUNNER_MODELS, else the source checkout's, else the installed copy."""
+    if env := os.environ.get("EMBEDRUNNER_MODELS"):
+        return Path(env)
+    checkout = Path(__file__).resolve().parent.parent / "models.toml"
+    if checkout.is_file():
+        return checkout
+    return Path(sys.prefix) / "share" / "llm-embed-runner" / "models.toml"
+
+
+def load_registry(path: Path | None = None) -> dict[str, ModelEntry]:
+    path = path or registry_path()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInput(f"{path}: model registry not found; set EMBEDRUNNER_MODELS to a models.toml") from None
+    except tomllib.TOMLDecodeError as e:
+        raise BadInput(f"{path}: not valid TOML ({e}); fix the file") from None
+    known = {f.name for f in fields(ModelEntry)} - {"name"}
+    entries = {}
+    for name, table in raw.items():
+        unknown = set(table) - known
+        if unknown:
+            raise BadInput(f"{path}: [{name}] has unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+        try:
+            entry = ModelEntry(name=name, **table)
+        except TypeError as e:
+            raise BadInput(f"{path}: [{name}] is incomplete ({e})") from None
+        if entry.pooling not in POOLINGS:
+            raise BadInput(f"{path}: [{name}] pooling {entry.pooling!r} is not one of {POOLINGS}")
+        if (entry.repo is None) == (entry.package is None):
+            raise BadInput(f"{path}: [{name}] needs exactly one of `repo` or `package`")
+        entries[name] = entry
+    return entries

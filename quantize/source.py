@@ -1,0 +1,113 @@
+"""Resolve a SOURCE argument (local HF directory, registry name, or hub repo id) to a local directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantize.errors import BadInput, ModelNotFound
+from quantize.registry import ModelEntry, load_registry
+
+# Weights as safetensors only (never pickles), the config, and tokenizer files; never code.
+HUB_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "1_Pooling/config.json",
+]
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    repo: str | None = None
+    revision: str | None = None
+    entry: ModelEntry | None = None
+
+
+def resolve(source: str, revision: str | None = None) -> Source:
+    """Find the HF directory for SOURCE; downloads from the hub only for repo ids and registry names."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise BadInput(f"{source}: not a directory; pass a Hugging Face model directory")
+        if not (path / "config.json").is_file():
+            raise BadInput(f"{source}: no config.json in this directory; pass a Hugging Face model directory")
+        return Source(path=path.resolve(), repo=_repo_from_cache_path(path), revision=revision)
+    registry = load_registry()
+    if source in registry:
+        entry = registry[source]
+        if entry.package:
+            return Source(path=package_dir(entry.package), repo=entry.repo, revision=entry.revision, entry=entry)
+        rev = revision or entry.revision
+        return Source(path=download(entry.repo, rev), repo=entry.repo, revision=rev, entry=entry)
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        return Source(path=download(source, revision), repo=source, revision=revision or "main")
+    names = ", ".join(sorted(registry)) or "none"
+    raise ModelNotFound(f"{source}: no such directory, registry name ({names}) or hub repo id (owner/name)")
+
+
+def package_dir(package: str) -> Path:
+    """The HF snapshot shipped inside an installed Python package (its first dir with a config.json)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"{package}: package not installed; run `pip install {package.replace('_', '-')}`")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(p.parent for p in root.rglob("config.json"))
+    if not found:
+        raise ModelNotFound(f"{package}: installed, but holds no config.json; reinstall it")
+    return found[0]
+
+
+def download(repo: str, revision: str | None) -> Path:
+    """snapshot_download restricted to safe files; honours HF_HOME, HF_HUB_OFFLINE and HF_TOKEN."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS))
+    except GatedRepoError:
+        raise ModelNotFound(f"{repo}: gated on the hub; accept its licence there and run `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFound(f"{repo}: no such repository on the hub (or it is private: `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise ModelNotFound(f"{repo}: revision {revision!r} not found; check --revision") from None
+    except LocalEntryNotFoundError:
+        raise ModelNotFound(
+            f"{repo}: not in the local cache and the hub cannot be reached (HF_HUB_OFFLINE?); "
+            "download it on a connected machine or pass a local directory"
+        ) from None
+    except OSError as e:
+        raise ModelNotFound(f"{repo}: download failed ({e}); check the network or pass a local directory") from None
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{path / 'config.json'}: not valid JSON ({e})") from None
+
+
+def _repo_from_cache_path(path: Path) -> str | None:
+    """`.../models--owner--name/snapshots/<sha>` (the HF cache layout) -> `owner/name`."""
+    for part in path.resolve().parts:
+        if part.startswith("models--"):
+            return part[len("models--") :].replace("--", "/", 1)
+    return None

@@ -1,0 +1,1 @@
+"""Runner: load a GGUF embedder into llama.cpp and turn texts into vectors."""

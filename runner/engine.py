@@ -1,0 +1,173 @@
+"""llama.cpp embedding engine on the low-level API: many sequences per decode, vectors straight to numpy.
+
+Non-causal models attend over the whole micro-batch, so every sequence must fit inside one
+micro-batch (llama.cpp aborts the process otherwise); the context is sized from the longest
+sequence it will be sent, and grown before a longer one is decoded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import psutil
+
+from quantize import llamacpp
+from quantize.errors import BadInput, CorruptModelFile, EngineError
+
+MAX_SEQS_PER_DECODE = 256  # llama.cpp's LLAMA_MAX_SEQ
+DEFAULT_TOKEN_BUDGET = 512  # tokens per decode; grown to the longest sequence when needed
+
+
+def physical_cores() -> int:
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+class Engine:
+    """One GGUF model in llama.cpp's embedding mode, with the model's own pooling."""
+
+    def __init__(self, path: Path, n_threads: int | None = None, n_gpu_layers: int = 0) -> None:
+        llamacpp.init()
+        self.path = Path(path)
+        self.n_threads = n_threads or physical_cores()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        if llamacpp.has_amx_kernels():
+            # ggml's AMX matmul crashed here on quantized models; keep the other CPU kernels.
+            print(
+                "warning: this llama-cpp-python build has AMX kernels, which crash on quantized models; "
+                "extra CPU buffer types are off (slower). Reinstall with scripts/install for full speed.",
+                file=sys.stderr,
+            )
+            params.use_extra_bufts = False
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._model:
+            raise CorruptModelFile(f"{self.path}: llama.cpp could not load this GGUF ({llamacpp.last_error()})")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
+        self._ctx = None
+        self._budget = 0
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8") if n >= 0 else None
+
+    # --- tokens -------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> np.ndarray:
+        """Token ids as the model's tokenizer gives them, special tokens (BOS/EOS) included."""
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        while True:
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, True, True)
+            if n >= 0:
+                return np.ctypeslib.as_array(buf)[:n].copy()
+            n_max = -n
+
+    @property
+    def ends_with_special(self) -> bool:
+        """Whether tokenize() appends a closing special token (EOS/SEP) that truncation must keep."""
+        return bool(llama_cpp.llama_vocab_get_add_eos(self._vocab) or llama_cpp.llama_vocab_get_add_sep(self._vocab))
+
+    # --- embedding ----------------------------------------------------------------------------
+    def embed_tokens(self, seqs: list[np.ndarray], token_budget: int = DEFAULT_TOKEN_BUDGET) -> np.ndarray:
+        """Pooled vectors (float32, not normalised) for each token sequence, in input order."""
+        out = np.empty((len(seqs), self.n_embd), dtype=np.float32)
+        if not seqs:
+            return out
+        lengths = np.array([len(s) for s in seqs])
+        if lengths.min() == 0:
+            raise BadInput(f"input {int(lengths.argmin()) + 1}: no tokens to embed")
+        self._ensure_context(max(token_budget, int(lengths.max())))
+        order = np.argsort(-lengths, kind="stable")  # longest first: the first batch fails fast
+        batch: list[int] = []
+        used = 0
+        for i in order:
+            if batch and (used + lengths[i] > self._budget or len(batch) == MAX_SEQS_PER_DECODE):
+                self._decode(seqs, batch, out)
+                batch, used = [], 0
+            batch.append(int(i))
+            used += int(lengths[i])
+        self._decode(seqs, batch, out)
+        return out
+
+    def _ensure_context(self, budget: int) -> None:
+        if self._ctx is not None and budget <= self._budget:
+            return
+        self._free_context()
+        params = llama_cpp.llama_context_default_params()
+        params.embeddings = True
+        params.n_ctx = params.n_batch = params.n_ubatch = budget
+        params.n_seq_max = MAX_SEQS_PER_DECODE
+        # Some graphs (llama-embed) keep a KV cache; one cache shared by all sequences, cleared per decode.
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = self.n_threads
+        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            raise EngineError(
+                f"{self.path}: llama.cpp could not create a context of {budget} tokens "
+                f"({llamacpp.last_error()}); lower --max-length"
+            )
+        self._budget = budget
+        # One batch, backed by numpy arrays we fill in bulk; seq_id[i] points at seq[i].
+        self._tok = np.zeros(budget, np.int32)
+        self._pos = np.zeros(budget, np.int32)
+        self._nseq = np.ones(budget, np.int32)
+        self._seq = np.zeros(budget, np.int32)
+        self._outs = np.ones(budget, np.int8)
+        i32p = ctypes.POINTER(ctypes.c_int32)
+        base, step = self._seq.ctypes.data, self._seq.itemsize
+        self._seq_ptrs = (i32p * budget)(*(ctypes.cast(base + k * step, i32p) for k in range(budget)))
+        self._batch = llama_cpp.llama_batch(
+            n_tokens=0,
+            token=self._tok.ctypes.data_as(i32p),
+            embd=None,
+            pos=self._pos.ctypes.data_as(i32p),
+            n_seq_id=self._nseq.ctypes.data_as(i32p),
+            seq_id=self._seq_ptrs,
+            logits=self._outs.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
+
+    def _decode(self, seqs: list[np.ndarray], batch: list[int], out: np.ndarray) -> None:
+        n = 0
+        for s, i in enumerate(batch):
+            k = len(seqs[i])
+            self._tok[n : n + k] = seqs[i]
+            self._pos[n : n + k] = np.arange(k)
+            self._seq[n : n + k] = s
+            n += k
+        self._batch.n_tokens = n
+        mem = llama_cpp.llama_get_memory(self._ctx)
+        if mem:
+            llama_cpp.llama_memory_clear(mem, True)
+        rc = llama_cpp.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            raise EngineError(f"{self.path}: llama_decode failed with code {rc} ({llamacpp.last_error()})")
+        for s, i in enumerate(batch):
+            ptr = llama_cpp.llama_get_embeddings_seq(self._ctx, s)
+            if not ptr:
+                raise EngineError(f"{self.path}: no pooled embedding from llama.cpp (is pooling set in the GGUF?)")
+            out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_embd,))
+
+    def _free_context(self) -> None:
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+    def close(self) -> None:
+        self._free_context()
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,101 @@
+"""Find the GGUF file behind `-m` (a GGUF, a directory, or a registry name) and the prompts that go with it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantize import gguf_keys
+from quantize.convert import convert
+from quantize.errors import BadInput, ModelNotFound
+from quantize.files import models_home
+from quantize.ladder import LADDER, quantize, read_metadata
+from quantize.registry import ModelEntry, load_registry
+
+# Highest fidelity first: what `-m DIR` picks when no --quant is given.
+PREFERENCE = ["F32", "F16", "BF16", *LADDER]
+
+
+@dataclass(frozen=True)
+class Prompts:
+    query: str
+    document: str
+    default_task: str | None
+
+    def apply(self, text: str, query: bool, task: str | None, where: str) -> str:
+        if not query:
+            return self.document.format(text=text)
+        if "{task}" in self.query:
+            task = task or self.default_task
+            if not task:
+                raise BadInput(f"{where}: --query needs --task (this model has no default task)")
+            return self.query.format(task=task, text=text)
+        return self.query.format(text=text)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path
+    prompts: Prompts
+    max_length: int | None
+    license_note: str | None
+
+
+def resolve_model(model: str, quant: str | None = None) -> ResolvedModel:
+    """MODEL is a .gguf file, a directory of GGUFs or an HF checkpoint, or a models.toml name."""
+    path = Path(model).expanduser()
+    entry: ModelEntry | None = None
+    if path.is_file():
+        if quant:
+            raise BadInput(f"{model}: --quant picks a file inside a model directory; pass the directory instead")
+        gguf_path = path
+    elif path.is_dir():
+        gguf_path = _pick(path, quant) if not (path / "config.json").is_file() else _from_checkpoint(model, quant)
+    else:
+        registry = load_registry()
+        if model not in registry:
+            raise ModelNotFound(
+                f"{model}: no such file, directory or registry name; known names: {', '.join(sorted(registry))}"
+            )
+        entry = registry[model]
+        home = models_home() / model
+        gguf_path = _pick(home, quant) if _ggufs(home) else _from_checkpoint(model, quant)
+    meta = read_metadata(gguf_path)
+    prompts = Prompts(
+        query=str(meta.get(gguf_keys.QUERY_PROMPT) or (entry.query_prompt if entry else "{text}")),
+        document=str(meta.get(gguf_keys.DOCUMENT_PROMPT) or (entry.document_prompt if entry else "{text}")),
+        default_task=meta.get(gguf_keys.DEFAULT_TASK) or (entry.default_task if entry else None),
+    )
+    max_length = meta.get(gguf_keys.MAX_LENGTH) or (entry.max_length if entry else None)
+    note = meta.get(gguf_keys.LICENSE_NOTE) or (entry.license_note if entry else None)
+    return ResolvedModel(gguf_path, prompts, int(max_length) if max_length else None, note)
+
+
+def _ggufs(directory: Path) -> dict[str, Path]:
+    """{QUANT: path} for `<stem>-<QUANT>.gguf` files in DIRECTORY."""
+    found = {}
+    for p in sorted(directory.glob("*.gguf")) if directory.is_dir() else []:
+        tag = p.stem.rsplit("-", 1)[-1].upper()
+        if tag in PREFERENCE:
+            found.setdefault(tag, p)
+    return found
+
+
+def _pick(directory: Path, quant: str | None) -> Path:
+    files = _ggufs(directory)
+    if not files:
+        raise ModelNotFound(f"{directory}: no <name>-<QUANT>.gguf files here; run `runner convert` first")
+    if quant is None:
+        return files[min(files, key=PREFERENCE.index)]
+    quant = quant.upper()
+    if quant in files:
+        return files[quant]
+    base = next((files[q] for q in ("F16", "F32", "BF16") if q in files), None)
+    if base is None or quant not in LADDER:
+        raise ModelNotFound(f"{directory}: no {quant} file and nothing to make it from; have {', '.join(files)}")
+    return quantize(base, [quant])[0]
+
+
+def _from_checkpoint(source: str, quant: str | None) -> Path:
+    f16 = convert(source)
+    return _pick(f16.parent, quant)
