@@ -30,8 +30,10 @@ class LazyTensor:
             out = np.array(raw.view(np.float32))
         elif self.dtype == "F16":
             out = raw.view(np.float16).astype(np.float32)
-        else:  # BF16: the high half of a float32
-            out = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:  # BF16: the high half of a float32; shifted in place to hold one copy, not two
+            bits = raw.view(np.uint16).astype(np.uint32)
+            bits <<= 16
+            out = bits.view(np.float32)
         del raw
         return out.reshape(self.shape)
 

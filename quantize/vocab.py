@@ -8,6 +8,7 @@ Special tokens and add-BOS/EOS come from gguf's SpecialVocab, which reads the po
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import gguf
@@ -36,7 +37,14 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int | None) 
             f"{model_dir}: tokenizer not supported (need a byte-level BPE tokenizer.json or a "
             "SentencePiece tokenizer.model)"
         )
-    special = gguf.SpecialVocab(model_dir, load_merges=(kind == "gpt2"), n_vocab=vocab_size)
+    # SpecialVocab warns about the pair template's separators, which embedding never uses.
+    gguf_log = logging.getLogger("gguf")
+    level = gguf_log.level
+    gguf_log.setLevel(logging.ERROR)
+    try:
+        special = gguf.SpecialVocab(model_dir, load_merges=(kind == "gpt2"), n_vocab=vocab_size)
+    finally:
+        gguf_log.setLevel(level)
     special.add_to_gguf(writer, quiet=True)
     return kind
 

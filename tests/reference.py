@@ -36,7 +36,6 @@ def build_tiny(
     otherwise config.json keeps transformers 5's `rope_parameters`.
     """
     from transformers import (
-        AutoTokenizer,
         LlamaConfig,
         LlamaForCausalLM,
         LlamaModel,
@@ -44,7 +43,7 @@ def build_tiny(
         MistralModel,
     )
 
-    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    vocab = len(hf_tokenizer(tokenizer_dir))
     torch.manual_seed(seed)
     common = dict(
         vocab_size=vocab,
@@ -87,17 +86,29 @@ def copy_tokenizer(src: Path, dest: Path) -> None:
             shutil.copy(src / name, dest / name)
 
 
+def hf_tokenizer(model_dir: Path):
+    """The checkpoint's published tokenizer.json, exactly (transformers' fast tokenizer over it).
+
+    Not AutoTokenizer: transformers 5 rebuilds Llama/Mistral SentencePiece tokenizers from its own
+    class instead of tokenizer.json, and drops the leading "\u2581" of texts that start with a space
+    (30 of our 466 corpus lines), which the published tokenizer and the models' training did not.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(model_dir)
+
+
 def reference_embed(model_dir: Path, texts: list[str], batch_size: int = 8) -> np.ndarray:
     """float32 transformers forward with a bidirectional padding mask, mean pooling, L2 norm.
 
     Texts are batched with right padding, so padding handling is exercised too.
     """
-    from transformers import AutoTokenizer, LlamaModel, MistralModel
+    from transformers import LlamaModel, MistralModel
 
     config = json.loads((model_dir / "config.json").read_text())
     cls = MistralModel if config.get("model_type") == "mistral" else LlamaModel
     model = cls.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="eager").eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = hf_tokenizer(model_dir)
     tok.padding_side = "right"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
