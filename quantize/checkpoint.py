@@ -11,7 +11,8 @@ from gguf.utility import SafetensorsLocal
 
 from quantize.errors import CorruptModelFile
 
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_FLOATS = ("F32", "F16", "BF16")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class LazyTensor:
 
     def load(self) -> np.ndarray:
         """The tensor as float32 (a fresh array; the file is only memory-mapped while reading)."""
+        if self.dtype not in _FLOATS:
+            raise CorruptModelFile(f"{self.file}: tensor {self.name} is {self.dtype}; weights must be F32/F16/BF16")
         raw = np.memmap(self.file, mode="r", offset=self.offset, shape=(self.nbytes,), dtype=np.uint8)
         if self.dtype == "F32":
             out = np.array(raw.view(np.float32))
@@ -55,7 +58,7 @@ def open_checkpoint(path: Path) -> dict[str, LazyTensor]:
         size = file.stat().st_size
         for name, t in items:
             if t.dtype not in _ITEMSIZE:
-                raise CorruptModelFile(f"{file}: tensor {name} has dtype {t.dtype}; only F32/F16/BF16 are supported")
+                raise CorruptModelFile(f"{file}: tensor {name} has unknown dtype {t.dtype}")
             r = t.data_range
             if r.size != math.prod(t.shape) * _ITEMSIZE[t.dtype] or r.offset + r.size > size:
                 raise CorruptModelFile(f"{file}: tensor {name} lies outside the file (truncated?); re-download it")

@@ -8,6 +8,7 @@ once complete and fsynced.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,8 @@ def _plan(arch: Architecture, tensors: dict[str, LazyTensor], qtype: gguf.GGMLQu
     for hf_name, lazy in tensors.items():
         gguf_name = arch.gguf_name(hf_name)
         if gguf_name is not None:
-            plan.append(_Planned(gguf_name, lazy, qtype if len(lazy.shape) >= 2 else gguf.GGMLQuantizationType.F32))
+            f32 = len(lazy.shape) < 2 or gguf_name in arch.keep_f32
+            plan.append(_Planned(gguf_name, lazy, gguf.GGMLQuantizationType.F32 if f32 else qtype))
     for gguf_name, data in arch.extra_tensors():
         plan.append(_Planned(gguf_name, data, gguf.GGMLQuantizationType.F32))
     return sorted(plan, key=lambda t: _natural_key(t.name))
@@ -111,7 +113,7 @@ def _write_metadata(w: gguf.GGUFWriter, arch: Architecture, src: Source, name: s
     w.add_string(gguf_keys.SOURCE_REVISION, src.revision or "local")
     w.add_string(gguf_keys.CONVERTER_VERSION, CONVERTER_VERSION)
     arch.write_hparams(w)
-    pooling = entry.pooling if entry else "mean"
+    pooling = entry.pooling if entry else _checkpoint_pooling(src.path)
     w.add_pooling_type(POOLING_TYPES[pooling])
     w.add_string(gguf_keys.POOLING, pooling)
     if entry:
@@ -122,6 +124,14 @@ def _write_metadata(w: gguf.GGUFWriter, arch: Architecture, src: Source, name: s
         w.add_string(gguf_keys.DOCUMENT_PROMPT, entry.document_prompt)
         if entry.default_task:
             w.add_string(gguf_keys.DEFAULT_TASK, entry.default_task)
+
+
+def _checkpoint_pooling(model_dir: Path) -> str:
+    """The pooling a sentence-transformers checkpoint declares (1_Pooling/config.json), else mean."""
+    config = model_dir / "1_Pooling" / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("pooling_mode_cls_token"):
+        return "cls"
+    return "mean"
 
 
 def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:

@@ -14,3 +14,6 @@ QUERY_PROMPT = f"{NAMESPACE}.prompt.query"
 DOCUMENT_PROMPT = f"{NAMESPACE}.prompt.document"
 DEFAULT_TASK = f"{NAMESPACE}.prompt.default_task"
 LICENSE_NOTE = f"{NAMESPACE}.license_note"
+# "huggingface" when llama.cpp's tokenizer does not reproduce the HF one for this vocabulary (WordPiece):
+# the runner then tokenizes with the `tokenizers` library from tokenizer.huggingface.json in the file.
+TOKENIZER = f"{NAMESPACE}.tokenizer"

@@ -61,7 +61,7 @@ def load_registry(path: Path | None = None) -> dict[str, ModelEntry]:
             raise BadInput(f"{path}: [{name}] is incomplete ({e})") from None
         if entry.pooling not in POOLINGS:
             raise BadInput(f"{path}: [{name}] pooling {entry.pooling!r} is not one of {POOLINGS}")
-        if (entry.repo is None) == (entry.package is None):
-            raise BadInput(f"{path}: [{name}] needs exactly one of `repo` or `package`")
+        if entry.repo is None and entry.package is None:
+            raise BadInput(f"{path}: [{name}] needs `repo` (a hub repo id) or `package` (an installed snapshot)")
         entries[name] = entry
     return entries

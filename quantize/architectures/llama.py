@@ -20,6 +20,7 @@ from quantize.errors import UnsupportedArchitecture
 @register("LlamaForCausalLM", "MistralForCausalLM", causal_lm=True)
 class Llama:
     gguf_arch = gguf.MODEL_ARCH.LLAMA_EMBED
+    keep_f32 = ()
 
     def __init__(self, config: dict, where: str) -> None:
         def need(key: str):
