@@ -21,6 +21,7 @@ from quantize.errors import BadInput, CorruptModelFile, EngineError
 
 MAX_SEQS_PER_DECODE = 256  # llama.cpp's LLAMA_MAX_SEQ
 DEFAULT_TOKEN_BUDGET = 512  # tokens per decode; grown to the longest sequence when needed
+KV_PAD = 256
 
 
 def physical_cores() -> int:
@@ -104,12 +105,14 @@ class Engine:
         lengths = np.array([len(s) for s in seqs])
         if lengths.min() == 0:
             raise BadInput(f"input {int(lengths.argmin()) + 1}: no tokens to embed")
-        self._ensure_context(max(token_budget, int(lengths.max())))
+        # llama.cpp pads the KV cache to 256 cells; a micro-batch of another size failed its
+        # mul_mat shape assertion (the process aborts), so budgets are whole multiples of 256.
+        self._ensure_context(-(-max(token_budget, int(lengths.max())) // KV_PAD) * KV_PAD)
         order = np.argsort(-lengths, kind="stable")  # longest first: the first batch fails fast
         batch: list[int] = []
         used = 0
         for i in order:
-            if batch and (used + lengths[i] > self._budget or len(batch) == MAX_SEQS_PER_DECODE):
+            if batch and (used + lengths[i] > self._budget or len(batch) == self._max_seqs):
                 self._decode(seqs, batch, out)
                 batch, used = [], 0
             batch.append(int(i))
@@ -124,7 +127,8 @@ class Engine:
         params = llama_cpp.llama_context_default_params()
         params.embeddings = True
         params.n_ctx = params.n_batch = params.n_ubatch = budget
-        params.n_seq_max = MAX_SEQS_PER_DECODE
+        # No more sequences than tokens: llama.cpp asserts n_seq_max <= n_batch when reserving outputs.
+        self._max_seqs = params.n_seq_max = min(MAX_SEQS_PER_DECODE, budget)
         # Some graphs (llama-embed) keep a KV cache; one cache shared by all sequences, cleared per decode.
         params.kv_unified = True
         params.n_threads = params.n_threads_batch = self.n_threads
