@@ -49,11 +49,14 @@ def main(ctx: click.Context, debug: bool) -> None:
 )
 def convert(source: str, outdir: Path | None, outtype: str, revision: str | None, as_embedder: bool) -> None:
     """Convert SOURCE (HF directory, models.toml name, or hub repo id) to one GGUF; prints its path."""
+    from quantize import gguf_keys
     from quantize.convert import convert as run_convert
-    from quantize.ladder import record
+    from quantize.ladder import read_metadata, record
 
     path = run_convert(source, outdir=outdir, outtype=outtype, revision=revision, as_embedder=as_embedder)
     record(path, outtype.upper())
+    if note := read_metadata(path).get(gguf_keys.LICENSE_NOTE):
+        click.echo(f"licence: {note}", err=True)
     click.echo(str(path))
 
 
@@ -131,3 +134,19 @@ def embed(
     write_vectors(vectors, output, fmt)
     if output:
         click.echo(f"wrote {len(vectors)} x {vectors.shape[1]} vectors to {output}", err=True)
+
+
+@main.command()
+def models() -> None:
+    """List the models.toml registry with the quants already on disk."""
+    from quantize.files import models_home
+    from quantize.registry import load_registry
+    from runner.model import on_disk
+
+    for name, entry in load_registry().items():
+        files = on_disk(models_home() / name)
+        have = ", ".join(f"{q} {p.stat().st_size / 2**30:.2f} GiB" for q, p in files.items()) or "not converted"
+        click.echo(f"{name}  ({entry.architecture}, {entry.dims}-d, {entry.pooling} pooling, licence {entry.license})")
+        click.echo(f"    source: {entry.package or entry.repo}  on disk: {have}")
+        if entry.license_note:
+            click.echo(f"    {entry.license_note}")

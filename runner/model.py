@@ -59,7 +59,7 @@ def resolve_model(model: str, quant: str | None = None) -> ResolvedModel:
             )
         entry = registry[model]
         home = models_home() / model
-        gguf_path = _pick(home, quant) if _ggufs(home) else _from_checkpoint(model, quant)
+        gguf_path = _pick(home, quant) if on_disk(home) else _from_checkpoint(model, quant)
     meta = read_metadata(gguf_path)
     prompts = Prompts(
         query=str(meta.get(gguf_keys.QUERY_PROMPT) or (entry.query_prompt if entry else "{text}")),
@@ -71,7 +71,7 @@ def resolve_model(model: str, quant: str | None = None) -> ResolvedModel:
     return ResolvedModel(gguf_path, prompts, int(max_length) if max_length else None, note)
 
 
-def _ggufs(directory: Path) -> dict[str, Path]:
+def on_disk(directory: Path) -> dict[str, Path]:
     """{QUANT: path} for `<stem>-<QUANT>.gguf` files in DIRECTORY."""
     found = {}
     for p in sorted(directory.glob("*.gguf")) if directory.is_dir() else []:
@@ -82,7 +82,7 @@ def _ggufs(directory: Path) -> dict[str, Path]:
 
 
 def _pick(directory: Path, quant: str | None) -> Path:
-    files = _ggufs(directory)
+    files = on_disk(directory)
     if not files:
         raise ModelNotFound(f"{directory}: no <name>-<QUANT>.gguf files here; run `runner convert` first")
     if quant is None:
