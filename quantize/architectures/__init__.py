@@ -31,6 +31,24 @@ class Architecture(Protocol):
         """Tensors llama.cpp needs that the checkpoint does not hold (e.g. Llama-3.1 rope factors)."""
 
 
+def add_trunk_shape(w: gguf.GGUFWriter, *, context: int, hidden: int, layers: int, ffn: int, heads: int) -> None:
+    """What every bidirectional trunk writes: its sizes, and attention that is not causal."""
+    w.add_context_length(context)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_causal_attention(False)
+
+
+def map_tensor(tensor_map: gguf.TensorNameMap, name: str, hf_name: str) -> str:
+    """gguf's name for NAME (an HF tensor name, normalised), or an error naming the checkpoint's tensor."""
+    mapped = tensor_map.get_name(name, try_suffixes=(".weight", ".bias"))
+    if mapped is None:
+        raise UnsupportedArchitecture(f"tensor {hf_name!r} has no llama.cpp counterpart")
+    return mapped
+
+
 # HF architecture name -> (class, is a causal LM that needs an explicit embedder declaration)
 _REGISTRY: dict[str, tuple[type, bool]] = {}
 

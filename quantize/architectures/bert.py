@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import gguf
 import numpy as np
 
-from quantize.architectures import register
+from quantize.architectures import add_trunk_shape, map_tensor, register
 from quantize.errors import UnsupportedArchitecture
 
 # Checkpoint tensors with no role in embedding: the NSP/MLM heads and the pooler.
@@ -38,13 +38,10 @@ class Bert:
         self.tensor_map = gguf.get_tensor_name_map(self.gguf_arch, self.n_layers)
 
     def write_hparams(self, w: gguf.GGUFWriter) -> None:
-        w.add_context_length(self.context)
-        w.add_embedding_length(self.hidden)
-        w.add_block_count(self.n_layers)
-        w.add_feed_forward_length(self.ffn)
-        w.add_head_count(self.n_head)
+        add_trunk_shape(
+            w, context=self.context, hidden=self.hidden, layers=self.n_layers, ffn=self.ffn, heads=self.n_head
+        )
         w.add_layer_norm_eps(self.eps)
-        w.add_causal_attention(False)
         w.add_token_type_count(self.type_vocab_size)
 
     def gguf_name(self, hf_name: str) -> str | None:
@@ -53,10 +50,7 @@ class Bert:
             return None
         name = name.removesuffix(".gamma") + ".weight" if name.endswith(".gamma") else name
         name = name.removesuffix(".beta") + ".bias" if name.endswith(".beta") else name
-        mapped = self.tensor_map.get_name(name, try_suffixes=(".weight", ".bias"))
-        if mapped is None:
-            raise UnsupportedArchitecture(f"tensor {hf_name!r} has no llama.cpp counterpart")
-        return mapped
+        return map_tensor(self.tensor_map, name, hf_name)
 
     def transform(self, gguf_name: str, data: np.ndarray) -> np.ndarray:
         return data

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import gguf
 import numpy as np
 
-from quantize.architectures import register
+from quantize.architectures import add_trunk_shape, map_tensor, register
 from quantize.errors import UnsupportedArchitecture
 
 
@@ -59,17 +59,14 @@ class Llama:
         self.tensor_map = gguf.get_tensor_name_map(self.gguf_arch, self.n_layers)
 
     def write_hparams(self, w: gguf.GGUFWriter) -> None:
-        w.add_context_length(self.context)
-        w.add_embedding_length(self.hidden)
-        w.add_block_count(self.n_layers)
-        w.add_feed_forward_length(self.ffn)
-        w.add_head_count(self.n_head)
+        add_trunk_shape(
+            w, context=self.context, hidden=self.hidden, layers=self.n_layers, ffn=self.ffn, heads=self.n_head
+        )
         w.add_head_count_kv(self.n_head_kv)
         w.add_layer_norm_rms_eps(self.eps)
         w.add_rope_freq_base(self.rope_theta)
         w.add_rope_dimension_count(self.head_dim)
         w.add_vocab_size(self.vocab_size)
-        w.add_causal_attention(False)
         if self.rope_type == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(float(self.rope["factor"]))
@@ -77,11 +74,7 @@ class Llama:
     def gguf_name(self, hf_name: str) -> str | None:
         if hf_name.endswith("rotary_emb.inv_freq") or hf_name == "lm_head.weight":
             return None
-        name = "model." + hf_name.removeprefix("model.")
-        mapped = self.tensor_map.get_name(name, try_suffixes=(".weight", ".bias"))
-        if mapped is None:
-            raise UnsupportedArchitecture(f"tensor {hf_name!r} has no llama.cpp counterpart")
-        return mapped
+        return map_tensor(self.tensor_map, "model." + hf_name.removeprefix("model."), hf_name)
 
     def transform(self, gguf_name: str, data: np.ndarray) -> np.ndarray:
         # HF stores Q/K rows for rotate-half rope; llama.cpp rotates interleaved pairs.
