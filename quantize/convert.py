@@ -19,7 +19,7 @@ import numpy as np
 from quantize import CONVERTER_VERSION, gguf_keys
 from quantize.architectures import Architecture, for_config
 from quantize.checkpoint import LazyTensor, open_checkpoint
-from quantize.files import atomic_path, models_home
+from quantize.files import atomic_path, models_home, sha256
 from quantize.registry import ModelEntry
 from quantize.source import Source, read_config, resolve
 from quantize.vocab import add_vocab
@@ -33,6 +33,8 @@ POOLING_TYPES = {
     "mean": gguf.PoolingType.MEAN,
     "cls": gguf.PoolingType.CLS,
     "last": gguf.PoolingType.LAST,
+    # llama.cpp hands back every token's state; the runner pools them through the model's head.
+    "latent-attention": gguf.PoolingType.NONE,
 }
 
 
@@ -64,18 +66,41 @@ def convert(
     outdir = Path(outdir) if outdir else models_home() / name
     outdir.mkdir(parents=True, exist_ok=True)
     path = outdir / f"{name}-{outtype.upper()}.gguf"
-    write_gguf(path, arch, tensors, src, name, outtype)
+    extra: dict[str, object] = {}
+    if hasattr(arch, "head_tensors"):
+        head = write_head(arch, tensors, outdir / f"{name}.head.gguf")
+        extra = {gguf_keys.HEAD_FILE: head.name, gguf_keys.HEAD_SHA256: sha256(head)}
+    write_gguf(path, arch, tensors, src, name, outtype, extra)
+    return path
+
+
+def write_head(arch: Architecture, tensors: dict[str, LazyTensor], path: Path) -> Path:
+    """The pooling head's sidecar GGUF (float32), written beside the trunk."""
+    head = arch.head_tensors(lambda n: tensors[n].load() if n in tensors else None)
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(tmp, arch.head_arch)
+        arch.write_head(w, head)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
     return path
 
 
 def write_gguf(
-    path: Path, arch: Architecture, tensors: dict[str, LazyTensor], src: Source, name: str, outtype: str
+    path: Path,
+    arch: Architecture,
+    tensors: dict[str, LazyTensor],
+    src: Source,
+    name: str,
+    outtype: str,
+    extra: dict[str, object] | None = None,
 ) -> None:
     ftype, qtype = OUTTYPES[outtype]
     plan = _plan(arch, tensors, qtype)
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
-        _write_metadata(w, arch, src, name, ftype)
+        _write_metadata(w, arch, src, name, ftype, extra or {})
         add_vocab(w, src.path, arch.vocab_size)
         for t in plan:
             nbytes = _nbytes(t.shape, t.qtype)
@@ -102,7 +127,9 @@ def _plan(arch: Architecture, tensors: dict[str, LazyTensor], qtype: gguf.GGMLQu
     return sorted(plan, key=lambda t: _natural_key(t.name))
 
 
-def _write_metadata(w: gguf.GGUFWriter, arch: Architecture, src: Source, name: str, ftype: int) -> None:
+def _write_metadata(
+    w: gguf.GGUFWriter, arch: Architecture, src: Source, name: str, ftype: int, extra: dict[str, object]
+) -> None:
     entry: ModelEntry | None = src.entry
     w.add_name(name)
     w.add_file_type(ftype)
@@ -113,17 +140,27 @@ def _write_metadata(w: gguf.GGUFWriter, arch: Architecture, src: Source, name: s
     w.add_string(gguf_keys.SOURCE_REVISION, src.revision or "local")
     w.add_string(gguf_keys.CONVERTER_VERSION, CONVERTER_VERSION)
     arch.write_hparams(w)
-    pooling = entry.pooling if entry else _checkpoint_pooling(src.path)
+    pooling = entry.pooling if entry else getattr(arch, "pooling", None) or _checkpoint_pooling(src.path)
     w.add_pooling_type(POOLING_TYPES[pooling])
     w.add_string(gguf_keys.POOLING, pooling)
+    # The architecture's own defaults (prompts, pooling rules), then what the registry says over them.
+    values = dict(arch.metadata_defaults()) if hasattr(arch, "metadata_defaults") else {}
+    values.update(extra)
     if entry:
         w.add_license(entry.license)
-        w.add_string(gguf_keys.LICENSE_NOTE, entry.license_note)
-        w.add_uint32(gguf_keys.MAX_LENGTH, entry.max_length)
-        w.add_string(gguf_keys.QUERY_PROMPT, entry.query_prompt)
-        w.add_string(gguf_keys.DOCUMENT_PROMPT, entry.document_prompt)
+        values[gguf_keys.LICENSE_NOTE] = entry.license_note
+        values[gguf_keys.MAX_LENGTH] = entry.max_length
+        values[gguf_keys.QUERY_PROMPT] = entry.query_prompt
+        values[gguf_keys.DOCUMENT_PROMPT] = entry.document_prompt
         if entry.default_task:
-            w.add_string(gguf_keys.DEFAULT_TASK, entry.default_task)
+            values[gguf_keys.DEFAULT_TASK] = entry.default_task
+    for key, value in values.items():
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        else:
+            w.add_string(key, str(value))
 
 
 def _checkpoint_pooling(model_dir: Path) -> str:

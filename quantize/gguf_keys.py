@@ -17,3 +17,11 @@ LICENSE_NOTE = f"{NAMESPACE}.license_note"
 # "huggingface" when llama.cpp's tokenizer does not reproduce the HF one for this vocabulary (WordPiece):
 # the runner then tokenizes with the `tokenizers` library from tokenizer.huggingface.json in the file.
 TOKENIZER = f"{NAMESPACE}.tokenizer"
+# Latent-attention pooling (NV-Embed): llama.cpp returns per-token states (pooling none) and the runner
+# applies the head stored in a sidecar GGUF next to the trunk; its sha256 ties the two together.
+HEAD_FILE = f"{NAMESPACE}.head.file"
+HEAD_SHA256 = f"{NAMESPACE}.head.sha256"
+# True: the instruction prefix's tokens (counted without BOS, zeroed from position 0) leave the mean.
+POOL_SKIP_INSTRUCTION = f"{NAMESPACE}.pooling.skip_instruction"
+# True: one EOS token follows every input (NV-Embed appends the eos_token string to each text).
+APPEND_EOS = f"{NAMESPACE}.append_eos"

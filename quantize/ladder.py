@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -14,7 +13,7 @@ import llama_cpp
 
 from quantize import CONVERTER_VERSION, gguf_keys, llamacpp
 from quantize.errors import BadInput, CorruptModelFile, EngineError
-from quantize.files import atomic_path, write_text_atomic
+from quantize.files import atomic_path, sha256, write_text_atomic
 
 # Best fidelity first.
 LADDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
@@ -91,11 +90,3 @@ def record(path: Path, quant: str) -> None:
     }
     manifest["files"] = dict(sorted(manifest["files"].items()))
     write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()

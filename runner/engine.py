@@ -18,6 +18,7 @@ import psutil
 
 from quantize import gguf_keys, llamacpp
 from quantize.errors import BadInput, CorruptModelFile, EngineError
+from runner.latent_attention import LatentAttentionHead
 
 MAX_SEQS_PER_DECODE = 256  # llama.cpp's LLAMA_MAX_SEQ
 DEFAULT_TOKEN_BUDGET = 512  # tokens per decode; grown to the longest sequence when needed
@@ -54,6 +55,7 @@ class Engine:
         self._ctx = None
         self._budget = 0
         self._hf_tokenizer = self._load_hf_tokenizer()
+        self._head = self._load_head()
 
     def meta(self, key: str) -> str | None:
         size = 4096
@@ -77,19 +79,35 @@ class Engine:
         tok.no_padding()
         return tok
 
+    def _load_head(self) -> LatentAttentionHead | None:
+        """NV-Embed's pooling head, from the sidecar file the trunk names (checked against its sha256)."""
+        if self.meta(gguf_keys.POOLING) != "latent-attention":
+            return None
+        name = self.meta(gguf_keys.HEAD_FILE)
+        if not name:
+            raise CorruptModelFile(f"{self.path}: latent-attention pooling but no head file recorded; re-convert")
+        return LatentAttentionHead(self.path.parent / name, self.meta(gguf_keys.HEAD_SHA256), self.path)
+
+    def flag(self, key: str) -> bool:
+        return self.meta(key) == "true"
+
     # --- tokens -------------------------------------------------------------------------------
-    def tokenize(self, text: str) -> np.ndarray:
-        """Token ids as the model's tokenizer gives them, special tokens (BOS/EOS) included."""
+    def tokenize(self, text: str, special: bool = True) -> np.ndarray:
+        """Token ids as the model's tokenizer gives them; SPECIAL adds BOS/EOS as the tokenizer does."""
         if self._hf_tokenizer is not None:
-            return np.array(self._hf_tokenizer.encode(text).ids, dtype=np.int32)
+            return np.array(self._hf_tokenizer.encode(text, add_special_tokens=special).ids, dtype=np.int32)
         data = text.encode("utf-8")
         n_max = len(data) + 16
         while True:
             buf = (llama_cpp.llama_token * n_max)()
-            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, True, True)
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, special, True)
             if n >= 0:
                 return np.ctypeslib.as_array(buf)[:n].copy()
             n_max = -n
+
+    @property
+    def eos(self) -> int:
+        return int(llama_cpp.llama_vocab_eos(self._vocab))
 
     @property
     def ends_with_special(self) -> bool:
@@ -97,8 +115,13 @@ class Engine:
         return bool(llama_cpp.llama_vocab_get_add_eos(self._vocab) or llama_cpp.llama_vocab_get_add_sep(self._vocab))
 
     # --- embedding ----------------------------------------------------------------------------
-    def embed_tokens(self, seqs: list[np.ndarray], token_budget: int = DEFAULT_TOKEN_BUDGET) -> np.ndarray:
-        """Pooled vectors (float32, not normalised) for each token sequence, in input order."""
+    def embed_tokens(
+        self, seqs: list[np.ndarray], token_budget: int = DEFAULT_TOKEN_BUDGET, skips: list[int] | None = None
+    ) -> np.ndarray:
+        """Pooled vectors (float32, not normalised) for each token sequence, in input order.
+
+        SKIPS: for latent-attention pooling, how many leading positions of each sequence leave the mean.
+        """
         out = np.empty((len(seqs), self.n_embd), dtype=np.float32)
         if not seqs:
             return out
@@ -113,11 +136,11 @@ class Engine:
         used = 0
         for i in order:
             if batch and (used + lengths[i] > self._budget or len(batch) == self._max_seqs):
-                self._decode(seqs, batch, out)
+                self._decode(seqs, batch, out, skips)
                 batch, used = [], 0
             batch.append(int(i))
             used += int(lengths[i])
-        self._decode(seqs, batch, out)
+        self._decode(seqs, batch, out, skips)
         return out
 
     def _ensure_context(self, budget: int) -> None:
@@ -158,7 +181,7 @@ class Engine:
             logits=self._outs.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
         )
 
-    def _decode(self, seqs: list[np.ndarray], batch: list[int], out: np.ndarray) -> None:
+    def _decode(self, seqs: list[np.ndarray], batch: list[int], out: np.ndarray, skips: list[int] | None) -> None:
         n = 0
         for s, i in enumerate(batch):
             k = len(seqs[i])
@@ -173,6 +196,12 @@ class Engine:
         rc = llama_cpp.llama_decode(self._ctx, self._batch)
         if rc != 0:
             raise EngineError(f"{self.path}: llama_decode failed with code {rc} ({llamacpp.last_error()})")
+        if self._head is not None:
+            states = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings(self._ctx), shape=(n, self.n_embd))
+            lengths = [len(seqs[i]) for i in batch]
+            skipped = [skips[i] if skips else 0 for i in batch]
+            out[batch] = self._head.pool(states, lengths, skipped, where=[i + 1 for i in batch])
+            return
         for s, i in enumerate(batch):
             ptr = llama_cpp.llama_get_embeddings_seq(self._ctx, s)
             if not ptr:

@@ -32,6 +32,13 @@ class Prompts:
             return self.query.format(task=task, text=text)
         return self.query.format(text=text)
 
+    def instruction(self, query: bool, task: str | None, where: str) -> str:
+        """The text the template puts before the input (NV-Embed's `instruction`), e.g. 'Instruct: ...\nQuery: '."""
+        template = self.query if query else self.document
+        if not template.endswith("{text}"):
+            raise BadInput(f"{where}: prompt {template!r} must end with {{text}} for a model that pools past it")
+        return self.apply("", query, task, where)
+
 
 @dataclass(frozen=True)
 class ResolvedModel:

@@ -116,14 +116,18 @@ def reference_embed(model_dir: Path, texts: list[str], batch_size: int = 8) -> n
     for start in range(0, len(texts), batch_size):
         enc = tok(texts[start : start + batch_size], padding=True, return_tensors="pt")
         keep = enc["attention_mask"].to(torch.float32)
-        # Every token may attend to every non-padding token of its own text: no causal triangle.
-        mask = (1.0 - keep[:, None, None, :]) * torch.finfo(torch.float32).min
-        mask = mask.expand(-1, 1, keep.shape[1], -1)
-        with torch.no_grad():
-            hidden = model(input_ids=enc["input_ids"], attention_mask=mask).last_hidden_state
+        hidden = bidirectional_states(model, enc["input_ids"], keep)
         pooled = (hidden * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
         out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
     return np.concatenate(out)
+
+
+def bidirectional_states(model, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Final hidden states when every token may attend to every non-padding token of its own text."""
+    mask = (1.0 - keep[:, None, None, :]) * torch.finfo(torch.float32).min
+    mask = mask.expand(-1, 1, keep.shape[1], -1)
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from quantize import llamacpp
-from quantize.ladder import LADDER, sha256
+from quantize.files import sha256
+from quantize.ladder import LADDER
 from tests.conftest import DATA, embed_file, run_cli
 from tests.reference import cosines
 

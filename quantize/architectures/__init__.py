@@ -82,4 +82,4 @@ def for_config(config: dict, embedder: bool, where: str) -> Architecture:
     return cls(config, where)
 
 
-from quantize.architectures import bert, llama  # noqa: E402,F401  (each registers itself)
+from quantize.architectures import bert, llama, nvembed  # noqa: E402,F401  (each registers itself)
