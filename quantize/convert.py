@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,15 +69,16 @@ def convert(
     path = outdir / f"{name}-{outtype.upper()}.gguf"
     extra: dict[str, object] = {}
     if hasattr(arch, "head_tensors"):
-        head = write_head(arch, tensors, outdir / f"{name}.head.gguf")
+        load = lambda n: tensors[n].load() if n in tensors else None  # noqa: E731
+        head = write_head(arch, load, outdir / f"{name}.head.gguf")
         extra = {gguf_keys.HEAD_FILE: head.name, gguf_keys.HEAD_SHA256: sha256(head)}
     write_gguf(path, arch, tensors, src, name, outtype, extra)
     return path
 
 
-def write_head(arch: Architecture, tensors: dict[str, LazyTensor], path: Path) -> Path:
-    """The pooling head's sidecar GGUF (float32), written beside the trunk."""
-    head = arch.head_tensors(lambda n: tensors[n].load() if n in tensors else None)
+def write_head(arch: Architecture, load: Callable[[str], np.ndarray | None], path: Path) -> Path:
+    """The pooling head's sidecar GGUF (float32), from the checkpoint tensors LOAD returns by HF name."""
+    head = arch.head_tensors(load)
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(tmp, arch.head_arch)
         arch.write_head(w, head)

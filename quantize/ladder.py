@@ -8,12 +8,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import gguf
 import llama_cpp
 
 from quantize import CONVERTER_VERSION, gguf_keys, llamacpp
 from quantize.errors import BadInput, CorruptModelFile, EngineError
 from quantize.files import atomic_path, sha256, write_text_atomic
+from quantize.gguf_header import read_header
 
 # Best fidelity first.
 LADDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
@@ -65,14 +65,9 @@ def read_metadata(path: Path) -> dict[str, object]:
     if not path.is_file():
         raise BadInput(f"{path}: no such file")
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on bad files
+        return read_header(path).metadata
+    except Exception as e:  # ValueError, struct.error, UnicodeDecodeError... on files that are not GGUF
         raise CorruptModelFile(f"{path}: not a readable GGUF file ({e}); re-create it with `runner convert`") from None
-    out: dict[str, object] = {}
-    for key, field in reader.fields.items():
-        if len(field.types) == 1:
-            out[key] = field.contents()
-    return out
 
 
 def record(path: Path, quant: str) -> None:

@@ -9,6 +9,7 @@ import llama_cpp
 
 _LOG_LEVEL_WARN = 3
 _log_lines: list[str] = []
+_buffer_lines: list[str] = []
 
 
 @llama_cpp.llama_log_callback
@@ -17,6 +18,9 @@ def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     if level in (_LOG_LEVEL_WARN, _LOG_LEVEL_WARN + 1):
         _log_lines.append(text.decode("utf-8", "replace").rstrip())
         del _log_lines[:-20]
+    elif b"buffer size =" in text:  # what each context allocates, for checking runner/memory.py
+        _buffer_lines.append(text.decode("utf-8", "replace").strip())
+        del _buffer_lines[:-50]
 
 
 @functools.cache
@@ -24,6 +28,16 @@ def init() -> None:
     """Route llama.cpp's logging through _log and initialise its backends (once per process)."""
     llama_cpp.llama_log_set(_log, ctypes.c_void_p())
     llama_cpp.llama_backend_init()
+
+
+def buffer_sizes() -> dict[str, float]:
+    """MiB of the buffers llama.cpp reported for the latest model and context ('CPU compute', 'CPU KV', ...)."""
+    out = {}
+    for line in _buffer_lines:
+        head, _, size = line.rpartition("buffer size =")
+        label = " ".join(head.split(":", 1)[-1].split())
+        out[label] = float(size.split()[0])
+    return out
 
 
 def last_error() -> str:

@@ -29,6 +29,12 @@ class ModelEntry:
     default_task: str | None = None
     license_note: str = ""
     embedder: bool = False
+    # config.json keys that give the model's shapes, so `runner plan` works before download
+    shape: dict | None = None
+
+    def config(self) -> dict:
+        """An HF config.json stand-in built from the shape table."""
+        return {"architectures": [self.architecture], **(self.shape or {})}
 
 
 def registry_path() -> Path:

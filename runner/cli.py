@@ -55,7 +55,10 @@ def convert(source: str, outdir: Path | None, outtype: str, revision: str | None
 
     path = run_convert(source, outdir=outdir, outtype=outtype, revision=revision, as_embedder=as_embedder)
     record(path, outtype.upper())
-    if note := read_metadata(path).get(gguf_keys.LICENSE_NOTE):
+    meta = read_metadata(path)
+    if head := meta.get(gguf_keys.HEAD_FILE):
+        record(path.parent / str(head), "head")
+    if note := meta.get(gguf_keys.LICENSE_NOTE):
         click.echo(f"licence: {note}", err=True)
     click.echo(str(path))
 
@@ -81,6 +84,69 @@ def quantize(
         click.echo(str(path))
 
 
+def hardware_options(f):
+    """--vram/--ram/--reserve/--cpu/--max-quant/--min-quant, shared by `plan` and `embed --auto-quant`."""
+    options = [
+        click.option("--vram", help="Free GPU memory to plan for, e.g. 12GiB, or 8GiB,8GiB for two GPUs."),
+        click.option("--ram", help="Free RAM to plan for, e.g. 16GiB (default: what the machine has free)."),
+        click.option("--reserve", default="1GiB", show_default=True, help="Memory kept back on every device."),
+        click.option("--cpu", is_flag=True, help="Plan for the CPU only."),
+        click.option("--max-quant", help="Highest-fidelity quant to consider (e.g. Q8_0)."),
+        click.option("--min-quant", help="Lowest quant to accept (e.g. Q4_K_M)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _plan(model: str, quant: str | None, max_length: int | None, hw_opts: dict):
+    from quantize.registry import load_registry
+    from runner.hardware import parse_size, probe, with_overrides
+    from runner.plan import default_max_length, plan
+    from runner.shapes import file_quant, resolve_shape
+
+    shape = resolve_shape(model)
+    if quant is None and Path(model).is_file():
+        quant = file_quant(Path(model))  # a GGUF file is one quant: plan its placement only
+    reserve = parse_size(hw_opts["reserve"], "--reserve")
+    hw = with_overrides(probe(), hw_opts["vram"], hw_opts["ram"], hw_opts["cpu"], reserve)
+    entry = load_registry().get(model)
+    length = max_length or default_max_length(shape, entry.max_length if entry else None)
+    return plan(shape, hw, length, quant, hw_opts["max_quant"], hw_opts["min_quant"])
+
+
+@main.command(name="plan")
+@click.option("-m", "--model", required=True, help="Registry name, HF directory (config.json is enough), or GGUF.")
+@click.option("--quant", help="Plan this quant only (it always wins).")
+@click.option("--max-length", type=int, help="Longest sequence to hold (default: the model's, capped at 8192).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
+@hardware_options
+def plan_cmd(model: str, quant: str | None, max_length: int | None, as_json: bool, **hw_opts) -> None:
+    """Which quant runs where on this machine: every quant's size and memory, the chosen one marked."""
+    import json
+
+    p = _plan(model, quant, max_length, hw_opts)
+    if as_json:
+        click.echo(json.dumps(p.as_json(), indent=2))
+        return
+    gib = 2**30
+    hw = p.hardware
+    gpus = ", ".join(f"GPU{g.index} {g.name} {g.free / gib:.1f} GiB free" for g in hw.gpus) or "no GPU"
+    if hw.gpus and not hw.offload:
+        gpus += " (this llama-cpp-python build cannot offload: rebuild with CMAKE_ARGS=-DGGML_CUDA=on)"
+    click.echo(f"{p.shape.name}: max length {p.settings.max_length} (n_ubatch {p.settings.ubatch})")
+    click.echo(f"hardware: {gpus}; RAM {hw.ram_free / gib:.1f} GiB free; {hw.cores} cores ({hw.source})")
+    click.echo(f"  {'quant':<8}{'file':>10}{'GPU':>10}{'RAM':>10}  fits")
+    for r in p.rows:
+        mark = ">" if r is p.chosen or r.quant == p.chosen.quant else " "
+        fits = {"split": f"split, {r.n_gpu_layers}/{p.shape.layers} layers on GPU"}.get(r.fits, r.fits)
+        click.echo(
+            f"{mark} {r.quant:<8}{r.needs.file / gib:>9.2f}G{r.needs.gpu_total / gib:>9.2f}G"
+            f"{r.needs.ram / gib:>9.2f}G  {fits}"
+        )
+    click.echo(f"chosen: {p.chosen.quant} on {p.device} — {p.reason}.")
+
+
 @main.command()
 @click.argument("texts", nargs=-1)
 @click.option("-m", "--model", required=True, help="GGUF file, model directory, or models.toml name.")
@@ -94,6 +160,8 @@ def quantize(
 @click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalise vectors.")
 @click.option("--max-length", type=int, help="Truncate inputs to this many tokens (default: the model's).")
 @click.option("--threads", type=int, help="Default: physical cores.")
+@click.option("--auto-quant", is_flag=True, help="Pick the quant and GPU layers for this machine (runner plan).")
+@hardware_options
 def embed(
     texts: tuple[str, ...],
     model: str,
@@ -107,10 +175,12 @@ def embed(
     normalize: bool,
     max_length: int | None,
     threads: int | None,
+    auto_quant: bool,
+    **hw_opts,
 ) -> None:
     """Embed TEXTS (or --input) with a GGUF embedder."""
     from runner.embed import embed_texts
-    from runner.engine import Engine
+    from runner.engine import open_engine
     from runner.io import output_format, read_texts, write_vectors
     from runner.model import resolve_model
 
@@ -120,8 +190,16 @@ def embed(
     if max_length is not None and max_length < 1:
         raise BadInput(f"--max-length {max_length}: must be at least 1")
     fmt = output_format(output, fmt)
+    gpu_layers, split = 0, None
+    if auto_quant:
+        p = _plan(model, quant, max_length, hw_opts)
+        click.echo(p.summary(), err=True)
+        gpu_layers, split = p.chosen.n_gpu_layers, p.tensor_split
+        quant = None if Path(model).is_file() else p.chosen.quant
     resolved = resolve_model(model, quant)
-    with Engine(resolved.path, n_threads=threads) as engine:
+    # With a plan, claim the planned context up front so a lack of memory shows (and is retried) now.
+    reserve_tokens = p.settings.max_length if auto_quant else 0
+    with open_engine(resolved.path, threads, gpu_layers, split, reserve_tokens) as engine:
         vectors = embed_texts(
             engine,
             items,

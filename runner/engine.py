@@ -32,12 +32,22 @@ def physical_cores() -> int:
 class Engine:
     """One GGUF model in llama.cpp's embedding mode, with the model's own pooling."""
 
-    def __init__(self, path: Path, n_threads: int | None = None, n_gpu_layers: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        tensor_split: list[float] | None = None,
+    ) -> None:
         llamacpp.init()
         self.path = Path(path)
         self.n_threads = n_threads or physical_cores()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        if tensor_split:
+            # llama.cpp reads LLAMA_MAX_DEVICES floats: each GPU's share of the offloaded layers.
+            self._split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*tensor_split)
+            params.tensor_split = self._split
         if llamacpp.has_amx_kernels():
             # ggml's AMX matmul crashed here on quantized models; keep the other CPU kernels.
             print(
@@ -143,6 +153,10 @@ class Engine:
         self._decode(seqs, batch, out, skips)
         return out
 
+    def reserve(self, tokens: int) -> None:
+        """Create the context for sequences up to TOKENS long now, so a lack of memory shows at once."""
+        self._ensure_context(-(-max(DEFAULT_TOKEN_BUDGET, tokens) // KV_PAD) * KV_PAD)
+
     def _ensure_context(self, budget: int) -> None:
         if self._ctx is not None and budget <= self._budget:
             return
@@ -224,3 +238,32 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_engine(
+    path: Path,
+    n_threads: int | None = None,
+    n_gpu_layers: int = 0,
+    tensor_split: list[float] | None = None,
+    reserve_tokens: int = DEFAULT_TOKEN_BUDGET,
+) -> Engine:
+    """An Engine with N_GPU_LAYERS offloaded; when loading fails (lack of GPU memory), retry with half as
+    many layers, down to the CPU, saying so on stderr."""
+    while True:
+        try:
+            engine = Engine(path, n_threads, n_gpu_layers, tensor_split)
+            try:
+                engine.reserve(reserve_tokens)
+            except EngineError:
+                engine.close()
+                raise
+            return engine
+        except (CorruptModelFile, EngineError) as e:
+            if n_gpu_layers <= 0:
+                raise
+            fewer = n_gpu_layers // 2
+            print(
+                f"warning: {e}; retrying with {fewer} GPU layers" + (" (CPU only)" if not fewer else ""),
+                file=sys.stderr,
+            )
+            n_gpu_layers = fewer

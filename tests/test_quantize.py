@@ -49,3 +49,16 @@ def test_quantized_models_embed(ladder, quant: str, mean_bound: float, tiny, tmp
     got = embed_file(ladder.parent / f"hf-{quant}.gguf", DATA / "embedding_texts.jsonl", tmp_path / "q.npy")
     cos = cosines(got, tiny("nemotron").reference)
     assert np.isfinite(got).all() and cos.mean() >= mean_bound, cos.mean()
+
+
+def test_file_sizes_predicted_from_shapes(ladder) -> None:
+    """quantize/sizes.py reproduces llama.cpp's per-tensor type choice: every quant's bytes, exactly."""
+    from quantize.sizes import file_bytes, read_tensors
+    from runner.shapes import from_gguf
+
+    shape = from_gguf(ladder)
+    specs, header = read_tensors(ladder)
+    for quant in ["F16", *LADDER]:
+        path = ladder if quant == "F16" else ladder.parent / f"hf-{quant}.gguf"
+        predicted = file_bytes(specs, quant, header, shape.layers, shape.n_gqa)
+        assert predicted == path.stat().st_size, (quant, predicted, path.stat().st_size)

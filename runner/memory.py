@@ -1,0 +1,95 @@
+"""Bytes a run needs on each device: a pure function of (shapes, quant, settings, GPU layers).
+
+What llama.cpp allocates for an embedding context (sizes it logs, checked in tests/test_memory.py):
+- weights: each repeating layer on the device that runs it; the token embedding stays in RAM;
+- KV cache (llama-embed keeps one, BERT none): n_ctx x layers x 2 x kv_heads x head_dim x f16;
+- compute buffer with flash attention (what `auto` picks on CPU and on CUDA for these head sizes):
+  4 bytes x n_ubatch x (3 x ffn + 4 x hidden + n_seq) for the largest layer's activations plus the
+  f16 attention mask, 2 bytes x n_ubatch^2. Fitted to llama.cpp's reports for SmolLM2 and a
+  Mistral-7B-shaped layer at n_ubatch 256..4096: within 3 %. Without flash attention the scores
+  alone take 4 x heads x n_ubatch^2 bytes;
+- output buffer (host): in embedding mode every token of a decode is an output, and llama.cpp 0.3.36
+  sizes the buffer for logits as well as embeddings (`output_reserve`: has_logits is always true), so a
+  decode of n tokens takes 4 x n x (vocab + hidden) bytes, cleared (so resident) when it grows. The
+  engine packs decodes up to n_ubatch tokens: 1 GiB at n_ubatch 2048 for Llama-3's 128k vocabulary;
+- llama.cpp's vocabulary structures: ~400 bytes per token (measured: 56 MiB for Llama-3's);
+- on each GPU, the CUDA context and cuBLAS workspace (CUDA_OVERHEAD, an estimate to confirm on a GPU);
+- in RAM, the Python process with llama.cpp loaded (RUNTIME, measured: 83 MiB) and NV-Embed's head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quantize.sizes import file_bytes, layer_bytes
+from runner.shapes import ModelShape
+
+MIB = 2**20
+KV_PAD = 256
+DEFAULT_BUDGET = 512  # runner/engine.py's smallest micro-batch
+MAX_SEQS = 256
+RUNTIME = 90 * MIB  # python + numpy + click + llama.cpp, before any model (83 MiB measured)
+VOCAB_BYTES_PER_TOKEN = 400
+CUDA_OVERHEAD = 512 * MIB
+HEAD_STEP_ROWS = 512  # runner/latent_attention.py ROWS_PER_STEP
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_length: int  # the longest sequence a micro-batch must hold
+
+    @property
+    def ubatch(self) -> int:
+        return -(-max(DEFAULT_BUDGET, self.max_length) // KV_PAD) * KV_PAD
+
+    @property
+    def n_seq(self) -> int:
+        return min(MAX_SEQS, self.ubatch)
+
+
+@dataclass(frozen=True)
+class Needs:
+    gpu: tuple[int, ...]  # bytes on each GPU
+    ram: int
+    file: int  # the GGUF's size on disk
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(self.gpu)
+
+
+def kv_per_layer(shape: ModelShape, s: Settings) -> int:
+    return 0 if shape.arch == "bert" else s.ubatch * 2 * shape.kv_heads * shape.head_dim * 2
+
+
+def compute_bytes(shape: ModelShape, s: Settings) -> int:
+    return 4 * s.ubatch * (3 * shape.ffn + 4 * shape.hidden + s.n_seq) + 2 * s.ubatch**2
+
+
+def output_bytes(shape: ModelShape, s: Settings) -> int:
+    return 4 * max(s.n_seq, s.ubatch) * (shape.vocab + shape.hidden)
+
+
+def head_runtime_bytes(shape: ModelShape) -> int:
+    """The head's weights plus one step's activations (GEGLU input is 8 x hidden wide)."""
+    return shape.head_bytes + (4 * HEAD_STEP_ROWS * 12 * shape.hidden if shape.head_bytes else 0)
+
+
+def needs(shape: ModelShape, quant: str, s: Settings, gpu_layers: tuple[int, ...] = ()) -> Needs:
+    """Bytes on each GPU and in RAM with GPU_LAYERS[i] repeating layers on GPU i (the rest on the CPU)."""
+    per_layer, other = layer_bytes(list(shape.tensors), quant, shape.layers, shape.n_gqa)
+    kv = kv_per_layer(shape, s)
+    compute = compute_bytes(shape, s)
+    gpu, start = [], 0
+    for n in gpu_layers:
+        layers = per_layer[start : start + n]
+        gpu.append(sum(layers) + n * kv + compute + CUDA_OVERHEAD if n else 0)
+        start += n
+    cpu_layers = per_layer[start:]
+    # With every layer on GPUs the CPU still embeds the tokens: a small buffer of the input states.
+    cpu_compute = compute if cpu_layers else 4 * s.ubatch * shape.hidden * 2
+    ram = RUNTIME + VOCAB_BYTES_PER_TOKEN * shape.vocab + other + output_bytes(shape, s)
+    ram += sum(cpu_layers) + len(cpu_layers) * kv + cpu_compute
+    ram += head_runtime_bytes(shape)
+    size = file_bytes(list(shape.tensors), quant, shape.header_bytes, shape.layers, shape.n_gqa)
+    return Needs(tuple(gpu), ram, size)

@@ -1,0 +1,196 @@
+"""The auto-quant policy: which quant, and how many layers on which GPU, for this model on this machine.
+
+Rule, in order:
+1. `--quant Q` always wins: Q with the most GPU layers that fit (else CPU), or a clear error.
+2. With a usable GPU: the highest-fidelity quant (F16 > Q8_0 > Q6_K > ... > Q2_K, within
+   --max-quant/--min-quant) whose every layer fits on the GPU(s), layers split in proportion to free
+   memory across GPUs.
+3. Else a partial offload among the acceptable quants (Q8_0 down to Q4_K_M — below that retention
+   drops fast, see the README): the one that leaves the fewest weight bytes on the CPU, because the CPU
+   layers set the speed (they run an order of magnitude slower than GPU layers); ties go to fidelity.
+4. Else (no GPU, or nothing offloads): the CPU plan — the highest-fidelity quant from Q8_0 down that
+   fits in free RAM. F16 is never chosen on a CPU unless asked for: Q8_0 keeps 0.999+ cosine at half
+   the memory and runs faster (bench.retention's timings).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from quantize.errors import BadInput
+from quantize.ladder import LADDER
+from runner.hardware import Hardware
+from runner.memory import Needs, Settings, needs
+from runner.shapes import ModelShape
+
+FIDELITY = ["F16", *LADDER]
+ACCEPTABLE_PARTIAL = FIDELITY[: FIDELITY.index("Q4_K_M") + 1]
+MAX_LENGTH_CAP = 8192  # default --max-length: the model's max length, at most this (compute grows with it)
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Row:
+    quant: str
+    fits: str  # gpu | split | cpu | no
+    gpu_layers: tuple[int, ...]
+    needs: Needs
+
+    @property
+    def n_gpu_layers(self) -> int:
+        return sum(self.gpu_layers)
+
+    def as_json(self) -> dict:
+        return {
+            "quant": self.quant,
+            "file_bytes": self.needs.file,
+            "gpu_bytes": self.needs.gpu_total,
+            "gpu_bytes_per_device": list(self.needs.gpu),
+            "ram_bytes": self.needs.ram,
+            "fits": self.fits,
+            "n_gpu_layers": self.n_gpu_layers,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    shape: ModelShape
+    hardware: Hardware
+    settings: Settings
+    rows: tuple[Row, ...]
+    chosen: Row
+    reason: str
+
+    @property
+    def device(self) -> str:
+        return self.chosen.fits
+
+    @property
+    def tensor_split(self) -> list[float] | None:
+        layers = self.chosen.gpu_layers
+        return [n / sum(layers) for n in layers] if len(layers) > 1 and sum(layers) else None
+
+    def summary(self) -> str:
+        c = self.chosen
+        where = {"gpu": "all layers on GPU", "split": f"{c.n_gpu_layers}/{self.shape.layers} layers on GPU"}
+        return (
+            f"plan: {self.shape.name} {c.quant}, {where.get(c.fits, 'CPU only')}, "
+            f"GPU {c.needs.gpu_total / GIB:.1f} GiB, RAM {c.needs.ram / GIB:.1f} GiB, "
+            f"max length {self.settings.max_length} — {self.reason}"
+        )
+
+    def as_json(self) -> dict:
+        chosen = self.chosen.as_json() | {"device": self.device, "tensor_split": self.tensor_split}
+        return {
+            "model": self.shape.name,
+            "hardware": self.hardware.as_json(),
+            "max_length": self.settings.max_length,
+            "n_ubatch": self.settings.ubatch,
+            "chosen": chosen,
+            "reason": self.reason,
+            "quants": [r.as_json() for r in self.rows],
+        }
+
+
+def default_max_length(shape: ModelShape, registry_max: int | None) -> int:
+    return min(registry_max or shape.context, shape.context, MAX_LENGTH_CAP)
+
+
+def split_layers(n: int, free: list[int]) -> tuple[int, ...]:
+    """N layers over GPUs in proportion to their free memory (largest remainders get the rest)."""
+    total = sum(free)
+    if not total:
+        return tuple(0 for _ in free)
+    exact = [n * f / total for f in free]
+    out = [int(x) for x in exact]
+    for i in sorted(range(len(free)), key=lambda i: exact[i] - out[i], reverse=True)[: n - sum(out)]:
+        out[i] += 1
+    return tuple(out)
+
+
+def evaluate(shape: ModelShape, quant: str, hw: Hardware, s: Settings) -> Row:
+    """QUANT's best placement on HW: every layer on GPU, else the most layers that fit, else CPU."""
+    gpus = hw.usable_gpus()
+    free = [g.free for g in gpus]
+
+    def fits(layers: tuple[int, ...]) -> Needs | None:
+        n = needs(shape, quant, s, layers)
+        ok = n.ram <= hw.ram_free and all(need <= f for need, f in zip(n.gpu, free, strict=True))
+        return n if ok else None
+
+    if gpus:
+        for count in range(shape.layers, 0, -1):
+            layers = split_layers(count, free)
+            if (n := fits(layers)) is not None:
+                return Row(quant, "gpu" if count == shape.layers else "split", layers, n)
+    if (n := fits(tuple(0 for _ in gpus))) is not None:
+        return Row(quant, "cpu", (), n)
+    return Row(quant, "no", (), needs(shape, quant, s))
+
+
+def plan(
+    shape: ModelShape,
+    hw: Hardware,
+    max_length: int,
+    quant: str | None = None,
+    max_quant: str | None = None,
+    min_quant: str | None = None,
+) -> Plan:
+    s = Settings(max_length)
+    rows = tuple(evaluate(shape, q, hw, s) for q in FIDELITY)
+    by_quant = {r.quant: r for r in rows}
+
+    def done(row: Row, reason: str) -> Plan:
+        return Plan(shape, hw, s, rows, row, reason)
+
+    if quant:
+        quant = _check(quant, "--quant")
+        row = by_quant[quant]
+        if row.fits == "no":
+            raise BadInput(_no_fit(shape, row, hw, s))
+        return done(row, f"{quant} was asked for")
+    hi = FIDELITY.index(_check(max_quant, "--max-quant")) if max_quant else 0
+    lo = FIDELITY.index(_check(min_quant, "--min-quant")) if min_quant else len(FIDELITY) - 1
+    if hi > lo:
+        raise BadInput(f"--max-quant {max_quant} is below --min-quant {min_quant}; swap them")
+    allowed = [by_quant[q] for q in FIDELITY[hi : lo + 1]]
+    for row in allowed:
+        if row.fits == "gpu":
+            return done(row, "the highest-fidelity quant that fits entirely on the GPU")
+    partial = [r for r in allowed if r.fits == "split" and r.quant in ACCEPTABLE_PARTIAL]
+    if partial:
+        best = min(partial, key=lambda r: (r.needs.ram, FIDELITY.index(r.quant)))
+        return done(best, "nothing fits on the GPU whole; this leaves the least on the CPU, which sets the speed")
+    cpu_allowed = [r for r in allowed if r.quant != "F16" or max_quant == "F16"]
+    for row in cpu_allowed:
+        if row.fits in ("cpu", "split"):
+            cpu = evaluate(shape, row.quant, _cpu_only(hw), s)
+            if cpu.fits == "cpu":
+                why = "no usable GPU" if not hw.usable_gpus() else "too little GPU memory for an acceptable quant"
+                return done(cpu, f"{why}; the highest-fidelity quant from Q8_0 down that fits in RAM")
+    smallest = allowed[-1] if allowed else by_quant["Q2_K"]
+    raise BadInput(_no_fit(shape, smallest, hw, s))
+
+
+def _cpu_only(hw: Hardware) -> Hardware:
+    return replace(hw, gpus=())
+
+
+def _check(quant: str, option: str) -> str:
+    q = quant.upper()
+    if q not in FIDELITY:
+        raise BadInput(f"{option} {quant}: unknown quant; choose from {', '.join(FIDELITY)}")
+    return q
+
+
+def _no_fit(shape: ModelShape, row: Row, hw: Hardware, s: Settings) -> str:
+    vram = sum(g.free for g in hw.usable_gpus())
+    have = f"{hw.ram_free / GIB:.1f} GiB RAM" + (f" + {vram / GIB:.1f} GiB GPU" if vram else "")
+    hint = "try --quant Q2_K" if row.quant != "Q2_K" else "try a shorter --max-length"
+    on_gpu = needs(shape, row.quant, s, (shape.layers,)).gpu_total
+    return (
+        f"{shape.name} does not fit: {row.quant} needs {row.needs.ram / GIB:.1f} GiB RAM on the CPU, have {have}; "
+        f"{hint}, or a machine with {math.ceil(row.needs.ram / GIB)} GiB free RAM or "
+        f"{math.ceil(on_gpu / GIB)} GiB free on a GPU"
+    )

@@ -1,0 +1,168 @@
+"""Auto-quant: the memory model against llama.cpp's own numbers, and the decisions on fabricated hardware."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from runner.hardware import Gpu, Hardware, parse_nvidia_smi, parse_size, with_overrides
+from runner.memory import Settings, compute_bytes, kv_per_layer, needs, output_bytes
+from runner.plan import plan
+from runner.shapes import resolve_shape
+from tests.conftest import run_cli
+
+GIB = 2**30
+
+
+def machine(vram: list[float] = (), ram: float = 64) -> Hardware:
+    gpus = tuple(Gpu(i, "test", int(v * GIB), int(v * GIB)) for i, v in enumerate(vram))
+    return Hardware(gpus, int(ram * GIB), int(ram * GIB), 8, True, "test")
+
+
+# (model, hardware) -> (quant, device); the README's "what runs where" table comes from bench.what_runs_where.
+DECISIONS = [
+    ("llama-embed-nemotron-8b", machine([24]), "F16", "gpu"),
+    ("llama-embed-nemotron-8b", machine([16]), "F16", "gpu"),
+    ("llama-embed-nemotron-8b", machine([12]), "Q8_0", "gpu"),
+    ("llama-embed-nemotron-8b", machine([8]), "Q5_K_M", "gpu"),
+    ("llama-embed-nemotron-8b", machine([6]), "Q3_K_S", "gpu"),
+    ("llama-embed-nemotron-8b", machine([4]), "Q4_K_M", "split"),
+    ("llama-embed-nemotron-8b", machine([8, 8]), "Q8_0", "gpu"),
+    ("llama-embed-nemotron-8b", machine(ram=8), "Q3_K_S", "cpu"),
+    ("llama-embed-nemotron-8b", machine(ram=16), "Q8_0", "cpu"),
+    ("llama-embed-nemotron-8b", machine(ram=32), "Q8_0", "cpu"),
+    ("nv-embed-v2", machine([24]), "F16", "gpu"),
+    ("nv-embed-v2", machine([16]), "F16", "gpu"),
+    ("nv-embed-v2", machine([12]), "Q8_0", "gpu"),
+    ("nv-embed-v2", machine([8]), "Q5_K_M", "gpu"),
+    ("nv-embed-v2", machine([6]), "Q3_K_S", "gpu"),
+    ("nv-embed-v2", machine([4]), "Q4_K_M", "split"),
+    ("nv-embed-v2", machine([8, 8]), "Q8_0", "gpu"),
+    ("nv-embed-v2", machine(ram=8), "Q4_K_S", "cpu"),
+    ("nv-embed-v2", machine(ram=16), "Q8_0", "cpu"),
+    ("nv-embed-v2", machine(ram=32), "Q8_0", "cpu"),
+]
+
+
+@pytest.mark.parametrize("model,hw,quant,device", DECISIONS)
+def test_decisions(model, hw, quant, device) -> None:
+    p = plan(resolve_shape(model), with_overrides(hw, reserve=GIB), 4096)
+    assert (p.chosen.quant, p.device) == (quant, device), p.summary()
+    if device == "gpu":
+        assert p.chosen.n_gpu_layers == p.shape.layers
+        assert all(n <= g.free for n, g in zip(p.chosen.needs.gpu, p.hardware.gpus, strict=True))
+    assert p.chosen.needs.ram <= p.hardware.ram_free
+
+
+def test_two_gpus_split_layers_in_proportion_to_free_memory() -> None:
+    hw = Hardware((Gpu(0, "a", 12 * GIB, 12 * GIB), Gpu(1, "b", 6 * GIB, 6 * GIB)), 64 * GIB, 64 * GIB, 8, True)
+    p = plan(resolve_shape("llama-embed-nemotron-8b"), hw, 4096)
+    assert p.device == "gpu" and p.chosen.gpu_layers == (21, 11) and p.tensor_split == [21 / 32, 11 / 32]
+
+
+def test_bounds_and_explicit_quant() -> None:
+    shape = resolve_shape("llama-embed-nemotron-8b")
+    assert plan(shape, machine([24]), 4096, max_quant="Q6_K").chosen.quant == "Q6_K"
+    assert plan(shape, machine([6]), 4096, min_quant="Q4_K_M").chosen.quant == "Q4_K_M"
+    forced = plan(shape, machine([6]), 4096, quant="Q8_0")
+    assert forced.chosen.quant == "Q8_0" and forced.device == "split"
+
+
+def test_plan_json_cli(tmp_path) -> None:
+    out = run_cli("plan", "-m", "llama-embed-nemotron-8b", "--vram", "12GiB", "--ram", "32GiB", "--json").stdout
+    doc = json.loads(out)
+    assert doc["model"] == "llama-embed-nemotron-8b" and doc["chosen"]["quant"] == "Q8_0"
+    assert doc["chosen"]["device"] == "gpu" and doc["chosen"]["n_gpu_layers"] == 32
+    assert [q["quant"] for q in doc["quants"]][:3] == ["F16", "Q8_0", "Q6_K"]
+    assert {"quant", "file_bytes", "gpu_bytes", "ram_bytes", "fits", "n_gpu_layers"} <= set(doc["quants"][0])
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--vram", "banana"], "--vram 'banana': not a size"),
+        (["--cpu", "--ram", "4GiB"], "does not fit: Q2_K needs"),
+        (["--vram", "0", "--ram", "0"], "does not fit"),
+        (["--max-quant", "Q9"], "--max-quant Q9: unknown quant"),
+    ],
+)
+def test_bad_hardware_input_is_one_line(args, message) -> None:
+    proc = run_cli("plan", "-m", "llama-embed-nemotron-8b", *args, check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_sizes_and_nvidia_smi_parsing() -> None:
+    assert parse_size("12GiB", "--vram") == 12 * GIB and parse_size("16GB", "--ram") == 16 * 10**9
+    assert parse_size("512MiB", "--vram") == 512 * 2**20 and parse_size("8G", "--vram") == 8 * GIB
+    gpus = parse_nvidia_smi("0, NVIDIA GeForce RTX 4090, 24564, 23000, 8.9\n1, Tesla T4, 15360, 0, 7.5\n")
+    assert [(g.name, g.free) for g in gpus] == [("NVIDIA GeForce RTX 4090", 23000 * 2**20), ("Tesla T4", 0)]
+    hw = Hardware(tuple(gpus), 64 * GIB, 64 * GIB, 8, True)
+    assert [g.index for g in hw.usable_gpus()] == [0]  # a GPU with zero free memory is not used
+
+
+def test_nvml_without_driver_falls_back(monkeypatch) -> None:
+    """NVML importable but no driver: the probe says so and finds no GPU (no nvidia-smi here either)."""
+    import types
+
+    from runner import hardware
+
+    class NVMLError(Exception):
+        pass
+
+    def no_driver():
+        raise NVMLError("Driver Not Loaded")
+
+    fake = types.SimpleNamespace(NVMLError=NVMLError, nvmlInit=no_driver)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(hardware.shutil, "which", lambda _: None)
+    hw = hardware.probe()
+    assert hw.gpus == () and any("Driver Not Loaded" in n for n in hw.notes)
+
+
+@pytest.mark.parametrize("max_length", [512, 2048])
+def test_buffers_match_llama_cpp(tiny, max_length) -> None:
+    """KV cache and compute buffer as llama.cpp reports them when the context is made (the output buffer
+    grows at decode time, past what it reports here: test_peak_rss_within_15_percent covers it)."""
+    from quantize import llamacpp
+    from runner.engine import Engine
+    from runner.shapes import from_gguf
+
+    path = tiny("nemotron").gguf("f16")
+    shape, s = from_gguf(path), Settings(max_length)
+    with Engine(path) as engine:
+        engine.reserve(max_length)
+        got = llamacpp.buffer_sizes()
+    mib = 2**20
+    assert got["CPU KV"] == pytest.approx(kv_per_layer(shape, s) * shape.layers / mib, rel=0.01)
+    assert got["CPU output"] * mib <= output_bytes(shape, s)
+    assert got["CPU compute"] == pytest.approx(compute_bytes(shape, s) / mib, rel=0.10)
+
+
+@pytest.mark.parametrize("max_length", [512, 2048])
+def test_peak_rss_within_15_percent(tiny, tmp_path, max_length) -> None:
+    """`runner embed --auto-quant --cpu` on a Q8_0 model: predicted RAM vs the process's peak RSS."""
+    from quantize.ladder import quantize
+    from runner.shapes import from_gguf
+
+    f16 = tiny("nemotron").gguf("f16")
+    q8 = f16.parent / "hf-Q8_0.gguf"
+    if not q8.is_file():
+        quantize(f16, ["Q8_0"])
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"text number {i} " * (1 + i % 40) for i in range(200)) + "\n")
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['runner', 'embed', '-m', {str(q8)!r}, '--auto-quant', '--cpu', '--max-length', "
+        f"'{max_length}', '--input', {str(texts)!r}, '-o', {str(tmp_path / 'v.npy')!r}]\n"
+        "try:\n    runpy.run_module('runner', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code\n"
+        # VmHWM, not ru_maxrss: the latter keeps the forking parent's (pytest's) peak across exec.
+        "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    measured = int(proc.stdout.split()[-1])
+    predicted = needs(from_gguf(q8), "Q8_0", Settings(max_length)).ram
+    print(f"max length {max_length}: predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
+    assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
