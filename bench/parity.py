@@ -3,7 +3,8 @@
     python -m bench.parity [--workdir DIR]
 
 References: transformers float32 with a bidirectional mask + mean pooling + L2 norm (tests/reference.py)
-for the Llama-family models, sentence-transformers for all-MiniLM-L6-v2. Texts: the 64 of
+for the Llama-family models, tests/nvembed_reference.py (the published NV-Embed math) for NV-Embed,
+sentence-transformers for all-MiniLM-L6-v2. Texts: the 64 of
 tests/data/embedding_texts.jsonl. Prints a markdown table.
 """
 
@@ -22,12 +23,18 @@ from runner.embed import embed_texts
 from runner.engine import Engine
 from runner.model import Prompts
 from tests.conftest import TINY, texts
+from tests.nvembed_reference import build_tiny_nvembed, reference_nvembed
 from tests.reference import build_tiny, cosines, reference_embed
 
+INSTRUCT = "Instruct: {}\nQuery: "
 
-def _ours(gguf: Path, items: list[str]) -> np.ndarray:
+
+def _ours(gguf: Path, items: list[str], query_task: str | None = None) -> np.ndarray:
+    prompts = (
+        Prompts("Instruct: {task}\nQuery: {text}", "{text}", None) if query_task else Prompts("{text}", "{text}", None)
+    )
     with Engine(gguf) as engine:
-        return embed_texts(engine, items, Prompts("{text}", "{text}", None))
+        return embed_texts(engine, items, prompts, query=bool(query_task), task=query_task)
 
 
 def main() -> None:
@@ -48,6 +55,14 @@ def main() -> None:
         for outtype in ("f32", "f16"):
             got = _ours(convert(str(hf), work / f"{name}-gguf", outtype, as_embedder=bool(flags)), items)
             rows.append((f"tiny {name} ({arch}, random)", outtype.upper(), cosines(got, ref)))
+    nv = build_tiny_nvembed(work / "nvembed", hf_tokenizers.mistral_tokenizer_dir(work / "tok-nvembed"))
+    task = "Given a question, retrieve passages that answer the question"
+    refs = {"documents": reference_nvembed(nv, items), "queries": reference_nvembed(nv, items, INSTRUCT.format(task))}
+    for outtype in ("f32", "f16"):
+        gguf = convert(str(nv), work / "nvembed-gguf", outtype)
+        for kind, ref in refs.items():
+            got = _ours(gguf, items, task if kind == "queries" else None)
+            rows.append((f"tiny NV-Embed (NVEmbedModel, random), {kind}", outtype.upper(), cosines(got, ref)))
     smol = smollm2_hf_dir(work / "SmolLM2-135M")
     ref = reference_embed(smol, items)
     for outtype in ("f32", "f16"):

@@ -1,0 +1,243 @@
+"""How much of the F16 embedding each quant of the ladder keeps, on SmolLM2-135M's real weights.
+
+Command (from the repository root, with the project's venv active):
+
+    python -m bench.retention [--model SmolLM2-135M|NV-Embed-shaped] [--texts 1200] [--workdir DIR]
+        [--quants Q8_0,Q6_K,...] [--markdown]
+
+--model NV-Embed-shaped is a random NVEmbedModel (tests.nvembed_reference) 512 wide: its rows show what
+the ladder does to the trunk with the float32 head after it, not real-model quality.
+
+Steps: build a plain HF checkpoint of SmolLM2-135M (tests.real_models.smollm2_hf_dir), convert it to an
+F16 embedder GGUF, quantize it to every quant asked for (default: the whole LADDER), then embed the same
+`bench.corpus` texts with F16 and with each quant, one engine at a time, L2-normalised. Everything is
+cached in --workdir and reused on the next run (delete the directory to start over).
+
+One row per model file: size in MiB, bits per weight (file bytes * 8 / parameters of the F16 file),
+mean and min cosine to the F16 vector of the same text, top-10 neighbour overlap (for each text, its 10
+nearest other texts by cosine under F16 and under the quant; mean |intersection| / 10). The seconds each
+`embed_texts` took go to stderr only: speed is bench.speed's job, on a quiet machine.
+Progress goes to stderr, the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from bench.corpus import corpus
+from quantize.convert import convert
+from quantize.ladder import LADDER, quant_path, quantize
+from runner.embed import embed_texts
+from runner.engine import Engine
+from runner.model import Prompts
+
+
+def _smollm2(dest: Path) -> None:
+    from tests.real_models import smollm2_hf_dir
+
+    smollm2_hf_dir(dest)
+
+
+def _nvembed_shaped(dest: Path) -> None:
+    """NV-Embed's layout (Mistral trunk + latent-attention head) at 512 wide, random weights."""
+    from tests.hf_tokenizers import mistral_tokenizer_dir
+    from tests.nvembed_reference import build_tiny_nvembed
+
+    tok = mistral_tokenizer_dir(dest.parent / f".{dest.name}.tokenizer")
+    build_tiny_nvembed(
+        dest, tok, hidden=512, layers=4, heads=8, kv_heads=4, ffn=1536, latents=64, cross_heads=4, cross_dim_head=128
+    )
+    shutil.rmtree(tok)
+
+
+# --model NAME -> how to build its HF checkpoint
+MODELS = {"SmolLM2-135M": _smollm2, "NV-Embed-shaped": _nvembed_shaped}
+TOP_K = 10
+PLAIN = Prompts(query="{text}", document="{text}", default_task=None)
+
+
+@dataclass(frozen=True)
+class Row:
+    quant: str
+    mib: float
+    bpw: float
+    mean_cos: float
+    min_cos: float
+    overlap: float
+    seconds: float
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- model files ----------------------------------------------------------------------------------
+def hf_dir(workdir: Path, model: str) -> Path:
+    """MODEL's HF checkpoint in WORKDIR, built once (into a temporary name, then renamed)."""
+    dest = workdir / model
+    if (dest / "config.json").is_file():
+        log(f"reusing {dest}")
+        return dest
+    log(f"building {dest}")
+    tmp = workdir / f".{model}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    MODELS[model](tmp)
+    tmp.rename(dest)
+    return dest
+
+
+def f16_gguf(source: Path, outdir: Path) -> Path:
+    path = outdir / f"{source.name}-F16.gguf"
+    if path.is_file():
+        log(f"reusing {path}")
+        return path
+    log(f"converting {source} -> F16")
+    return convert(str(source), outdir, outtype="f16", as_embedder=True)
+
+
+def quant_files(f16: Path, quants: list[str]) -> dict[str, Path]:
+    """{quant: path}, quantizing only the files not already present."""
+    missing = [q for q in quants if not quant_path(f16, q).is_file()]
+    if missing:
+        quantize(f16, missing, f16.parent, progress=log)
+    return {q: quant_path(f16, q) for q in quants}
+
+
+def n_params(path: Path) -> int:
+    return sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors)
+
+
+def tensor_types(path: Path) -> str:
+    """`Q6_K x 90, Q8_0 x 30, ...`: how many tensors of each type, most common first."""
+    counts = Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors)
+    return ", ".join(f"{name} x {n}" for name, n in counts.most_common())
+
+
+# --- maths ----------------------------------------------------------------------------------------
+def neighbours(vectors: np.ndarray, k: int = TOP_K) -> np.ndarray:
+    """Indices of each row's K nearest other rows by cosine (rows are unit vectors), unordered."""
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -np.inf)
+    return np.argpartition(-sims, k, axis=1)[:, :k]
+
+
+def overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean fraction of shared neighbours between two neighbour-index arrays of equal shape."""
+    shared = [len(np.intersect1d(x, y, assume_unique=True)) for x, y in zip(a, b, strict=True)]
+    return float(np.mean(shared)) / a.shape[1]
+
+
+def embed(path: Path, texts: list[str]) -> tuple[np.ndarray, float]:
+    with Engine(path) as engine:
+        start = time.perf_counter()
+        vectors = embed_texts(engine, texts, PLAIN, normalize=True)
+        return vectors, time.perf_counter() - start
+
+
+def measure(quant: str, path: Path, texts: list[str], ref: np.ndarray, ref_nn: np.ndarray, params: int) -> Row:
+    vectors, seconds = embed(path, texts)
+    cos = np.sum(vectors * ref, axis=1)
+    size = path.stat().st_size
+    return Row(
+        quant=quant,
+        mib=size / 2**20,
+        bpw=size * 8 / params,
+        mean_cos=float(cos.mean()),
+        min_cos=float(cos.min()),
+        overlap=overlap(ref_nn, neighbours(vectors)),
+        seconds=seconds,
+    )
+
+
+# --- output ---------------------------------------------------------------------------------------
+HEADER = ("Quant", "Size (MiB)", "Bits/weight", "Mean cos", "Min cos", f"Top-{TOP_K} overlap")
+
+
+def cells(row: Row) -> tuple[str, ...]:
+    return (
+        row.quant,
+        f"{row.mib:.1f}",
+        f"{row.bpw:.2f}",
+        f"{row.mean_cos:.5f}",
+        f"{row.min_cos:.5f}",
+        f"{row.overlap:.3f}",
+    )
+
+
+def plain_table(rows: list[Row]) -> str:
+    table = [HEADER, *(cells(r) for r in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
+    fmt = [str.ljust] + [str.rjust] * (len(HEADER) - 1)
+    return "\n".join("  ".join(f(c, w) for f, c, w in zip(fmt, line, widths, strict=True)) for line in table)
+
+
+def markdown_table(rows: list[Row], command: str, n_texts: int, model: str) -> str:
+    lines = [
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "|".join([":---"] + ["---:"] * (len(HEADER) - 1)) + "|",
+        *("| " + " | ".join(cells(r)) + " |" for r in rows),
+        "",
+        f"`{command}` — {model}, {n_texts} texts from `bench.corpus` (seed 0), cosines against F16.",
+    ]
+    return "\n".join(lines)
+
+
+# --- main -----------------------------------------------------------------------------------------
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.retention", description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="SmolLM2-135M")
+    p.add_argument("--texts", type=int, default=1200, help="corpus size (at least 1000; default 1200)")
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "retention")
+    p.add_argument("--quants", default=",".join(LADDER), help="comma-separated, from the LADDER (default: all)")
+    p.add_argument("--markdown", action="store_true", help="print a GitHub table for a README")
+    args = p.parse_args(argv)
+    if args.texts < 1000:
+        p.error("--texts must be at least 1000")
+    args.quants = [q.strip().upper() for q in args.quants.split(",") if q.strip()]
+    unknown = [q for q in args.quants if q not in LADDER]
+    if unknown:
+        p.error(f"unknown quant {', '.join(unknown)}; choose from {', '.join(LADDER)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    started = time.perf_counter()
+    workdir: Path = args.workdir.expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    f16 = f16_gguf(hf_dir(workdir, args.model), workdir / "gguf")
+    files = quant_files(f16, args.quants)
+    params = n_params(f16)
+    texts = corpus(args.texts)
+    log(f"{args.model}: {params:,} parameters; {len(texts)} texts")
+
+    ref, seconds = embed(f16, texts)
+    ref_nn = neighbours(ref)
+    size = f16.stat().st_size
+    rows = [Row("F16", size / 2**20, size * 8 / params, 1.0, 1.0, 1.0, seconds)]
+    log(f"F16: {seconds:.1f} s")
+    for quant, path in files.items():
+        rows.append(measure(quant, path, texts, ref, ref_nn, params))
+        r = rows[-1]
+        log(f"{quant}: mean cos {r.mean_cos:.5f}, {r.seconds:.1f} s; tensors: {tensor_types(path)}")
+
+    command = shlex.join(["python", "-m", "bench.retention", *argv])
+    print(markdown_table(rows, command, len(texts), args.model) if args.markdown else plain_table(rows))
+    log(f"total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The README's "what runs where" table: runner/plan.py's choice for each registry LLM on typical machines.
+
+    python -m bench.what_runs_where [--max-length 4096] [--reserve 1GiB]
+
+Computed from the models.toml shapes and the memory model (runner/memory.py), nothing downloaded: one row
+per machine, the chosen quant, where it runs, and the predicted GPU and RAM bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from runner.hardware import Gpu, Hardware, parse_size, with_overrides
+from runner.plan import plan
+from runner.shapes import resolve_shape
+
+GIB = 2**30
+MODELS = ["llama-embed-nemotron-8b", "nv-embed-v2"]
+# (label, GPU sizes in GiB, RAM in GiB)
+MACHINES = [
+    ("24 GiB GPU", [24], 32),
+    ("16 GiB GPU", [16], 32),
+    ("12 GiB GPU", [12], 32),
+    ("8 GiB GPU", [8], 16),
+    ("6 GiB GPU", [6], 16),
+    ("4 GiB GPU", [4], 16),
+    ("2 x 8 GiB GPUs", [8, 8], 32),
+    ("no GPU", [], 32),
+    ("no GPU", [], 16),
+    ("no GPU", [], 8),
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--max-length", type=int, default=4096)
+    p.add_argument("--reserve", default="1GiB")
+    args = p.parse_args()
+    reserve = parse_size(args.reserve, "--reserve")
+    print(f"| machine (free memory; {args.reserve} kept back per device) | " + " | ".join(MODELS) + " |")
+    print("|---|" + "---|" * len(MODELS))
+    for label, vram, ram in MACHINES:
+        gpus = tuple(Gpu(i, label, int(v * GIB), int(v * GIB)) for i, v in enumerate(vram))
+        hw = with_overrides(Hardware(gpus, ram * GIB, ram * GIB, 8, True, "table"), reserve=reserve)
+        cells = []
+        for model in MODELS:
+            try:
+                c = plan(resolve_shape(model), hw, args.max_length).chosen
+            except Exception as e:  # a machine too small: say so in the cell
+                cells.append(f"does not fit ({str(e).split(':')[1].strip()})")
+                continue
+            where = {"gpu": "all on GPU", "split": f"{c.n_gpu_layers}/32 layers on GPU", "cpu": "CPU"}[c.fits]
+            mem = f"GPU {c.needs.gpu_total / GIB:.1f} + RAM {c.needs.ram / GIB:.1f} GiB"
+            cells.append(f"**{c.quant}** {where} ({mem})")
+        print(f"| {label}, {ram} GiB RAM | " + " | ".join(cells) + " |")
+    print(f"\n`python -m bench.what_runs_where --max-length {args.max_length}`; GGUF sizes:")
+    shape = resolve_shape(MODELS[0])
+    from quantize.sizes import file_bytes
+    from runner.plan import FIDELITY
+
+    sizes = [file_bytes(list(shape.tensors), q, shape.header_bytes, shape.layers, shape.n_gqa) for q in FIDELITY]
+    print(f"{MODELS[0]}: " + ", ".join(f"{q} {b / GIB:.2f} GiB" for q, b in zip(FIDELITY, sizes, strict=True)))
+
+
+if __name__ == "__main__":
+    main()
