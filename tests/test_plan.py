@@ -141,16 +141,27 @@ def test_buffers_match_llama_cpp(tiny, max_length) -> None:
     assert got["CPU compute"] == pytest.approx(compute_bytes(shape, s) / mib, rel=0.10)
 
 
-@pytest.mark.parametrize("max_length", [512, 2048])
-def test_peak_rss_within_15_percent(tiny, tmp_path, max_length) -> None:
-    """`runner embed --auto-quant --cpu` on a Q8_0 model: predicted RAM vs the process's peak RSS."""
+@pytest.fixture(scope="module")
+def q8_models(tiny, tokenizer_dir, tmp_path_factory):
+    """Q8_0 files of the tiny nemotron (Llama-3 vocabulary) and of a tiny NV-Embed (numpy head in RAM)."""
+    from quantize.convert import convert
     from quantize.ladder import quantize
+    from tests.nvembed_reference import build_tiny_nvembed
+
+    root = tmp_path_factory.mktemp("nvembed-rss")
+    nv = convert(str(build_tiny_nvembed(root / "hf", tokenizer_dir("mistral"))), root / "gguf", "f16")
+    return {
+        name: quantize(f16, ["Q8_0"])[0] for name, f16 in (("nemotron", tiny("nemotron").gguf("f16")), ("nvembed", nv))
+    }
+
+
+@pytest.mark.parametrize("model", ["nemotron", "nvembed"])
+@pytest.mark.parametrize("max_length", [512, 2048])
+def test_peak_rss_within_15_percent(q8_models, tmp_path, model, max_length) -> None:
+    """`runner embed --auto-quant --cpu` on a Q8_0 model: predicted RAM vs the process's peak RSS."""
     from runner.shapes import from_gguf
 
-    f16 = tiny("nemotron").gguf("f16")
-    q8 = f16.parent / "hf-Q8_0.gguf"
-    if not q8.is_file():
-        quantize(f16, ["Q8_0"])
+    q8 = q8_models[model]
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(f"text number {i} " * (1 + i % 40) for i in range(200)) + "\n")
     code = (
@@ -164,7 +175,9 @@ def test_peak_rss_within_15_percent(tiny, tmp_path, max_length) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     measured = int(proc.stdout.split()[-1])
     predicted = needs(from_gguf(q8), "Q8_0", Settings(max_length)).ram
-    print(f"max length {max_length}: predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
+    print(
+        f"{model} max length {max_length}: predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB"
+    )
     assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
 
 
