@@ -153,13 +153,25 @@ def plan_cmd(model: str, quant: str | None, max_length: int | None, as_json: boo
 @click.option("--quant", help="Which quant of a model directory/name to use (default: highest fidelity on disk).")
 @click.option("--input", "input_file", help=".txt (one text per line) or .jsonl file; - for stdin.")
 @click.option("--field", default="text", show_default=True, help="JSONL field holding the text.")
-@click.option("-o", "--output", help="Output file (.npy or .jsonl); default: JSON lines on stdout.")
-@click.option("--format", "fmt", type=click.Choice(["npy", "jsonl"]), help="Default: from --output's extension.")
+@click.option(
+    "--errors",
+    type=click.Choice(["strict", "replace"]),
+    default="strict",
+    show_default=True,
+    help="Input bytes that are not UTF-8: stop with the line number, or replace them.",
+)
+@click.option("-o", "--output", help="Output file (.npy, .jsonl or .parquet); default: JSON lines on stdout.")
+@click.option("--format", "fmt", type=click.Choice(["npy", "jsonl", "parquet"]), help="Default: from --output.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run into the same --output.")
 @click.option("--query/--document", default=False, help="Apply the model's query instruction (default: document).")
 @click.option("--task", help="Instruction for --query (default: the model's).")
 @click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalise vectors.")
 @click.option("--max-length", type=int, help="Truncate inputs to this many tokens (default: the model's).")
+@click.option("--no-truncate", is_flag=True, help="An input over the max length is an error, not cut.")
 @click.option("--threads", type=int, help="Default: physical cores.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+@click.option("--chunk-size", type=int, default=2048, show_default=True, help="Texts per part written to disk.")
 @click.option("--auto-quant", is_flag=True, help="Pick the quant and GPU layers for this machine (runner plan).")
 @hardware_options
 def embed(
@@ -168,50 +180,94 @@ def embed(
     quant: str | None,
     input_file: str | None,
     field: str,
+    errors: str,
     output: str | None,
     fmt: str | None,
+    dtype: str,
+    resume: bool,
     query: bool,
     task: str | None,
     normalize: bool,
     max_length: int | None,
+    no_truncate: bool,
     threads: int | None,
+    quiet: bool,
+    chunk_size: int,
     auto_quant: bool,
     **hw_opts,
 ) -> None:
     """Embed TEXTS (or --input) with a GGUF embedder."""
-    from runner.embed import embed_texts
+    import time
+
+    from tqdm import tqdm
+
+    from runner.embed import Stats, embed_texts
     from runner.engine import open_engine
-    from runner.io import output_format, read_texts, write_vectors
+    from runner.io import VectorSink, fingerprint, output_format, read_texts
     from runner.model import resolve_model
 
-    items = list(texts) + (read_texts(input_file, field) if input_file else [])
-    if not items:
+    items = list(texts) + (read_texts(input_file, field, errors) if input_file else [])
+    if not items and not input_file:
         raise BadInput("nothing to embed; pass texts as arguments or --input FILE")
     if max_length is not None and max_length < 1:
         raise BadInput(f"--max-length {max_length}: must be at least 1")
+    if chunk_size < 1:
+        raise BadInput(f"--chunk-size {chunk_size}: must be at least 1")
     fmt = output_format(output, fmt)
-    gpu_layers, split = 0, None
+    gpu_layers, split, plan_note = 0, None, ""
     if auto_quant:
         p = _plan(model, quant, max_length, hw_opts)
-        click.echo(p.summary(), err=True)
+        if not quiet:
+            click.echo(p.summary(), err=True)
         gpu_layers, split = p.chosen.n_gpu_layers, p.tensor_split
         quant = None if Path(model).is_file() else p.chosen.quant
+        plan_note = f", {p.chosen.quant} on {p.device}"
     resolved = resolve_model(model, quant)
+    options = dict(query=query, task=task, normalize=normalize, max_length=max_length, fmt=fmt, dtype=dtype)
+    sink = VectorSink(output, fmt, dtype, fingerprint(items, resolved.path, options | {"chunk": chunk_size}), resume)
     # With a plan, claim the planned context up front so a lack of memory shows (and is retried) now.
     reserve_tokens = p.settings.max_length if auto_quant else 0
-    with open_engine(resolved.path, threads, gpu_layers, split, reserve_tokens) as engine:
-        vectors = embed_texts(
-            engine,
-            items,
-            resolved.prompts,
-            query=query,
-            task=task,
-            max_length=max_length or resolved.max_length,
-            normalize=normalize,
+    stats, started = Stats(), time.perf_counter()
+    n_chunks = -(-len(items) // chunk_size)
+    bar = tqdm(total=len(items), unit="text", file=sys.stderr, delay=1.0, disable=quiet or not sys.stderr.isatty())
+    with open_engine(resolved.path, threads, gpu_layers, split, reserve_tokens) as engine, bar:
+        dims = engine.n_embd
+        for c in range(n_chunks):
+            chunk = items[c * chunk_size : (c + 1) * chunk_size]
+            if not sink.done(c):
+                vectors = embed_texts(
+                    engine,
+                    chunk,
+                    resolved.prompts,
+                    query=query,
+                    task=task,
+                    max_length=max_length or resolved.max_length,
+                    normalize=normalize,
+                    truncate=not no_truncate,
+                    stats=stats,
+                    first_index=c * chunk_size,
+                )
+                sink.write(c, vectors)
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"{stats.tokens / (time.perf_counter() - started):.0f} tokens/s", refresh=False)
+    sink.finish(n_chunks, dims)
+    seconds = time.perf_counter() - started
+    if stats.truncated:
+        limit = max_length or resolved.max_length
+        click.echo(
+            f"warning: truncated {stats.truncated} input(s) to {limit} tokens (--no-truncate to refuse)", err=True
         )
-    write_vectors(vectors, output, fmt)
-    if output:
-        click.echo(f"wrote {len(vectors)} x {vectors.shape[1]} vectors to {output}", err=True)
+    if not items:
+        click.echo(f"note: {input_file} holds no texts; wrote an empty output", err=True)
+    if not quiet:
+        skipped = len(items) - stats.texts
+        resumed = f" ({skipped} from the interrupted run)" if skipped else ""
+        where = f" -> {output}" if output else ""
+        click.echo(
+            f"embedded {stats.texts} texts{resumed}, {stats.tokens} tokens in {seconds:.1f} s "
+            f"({stats.tokens / max(seconds, 1e-9):.0f} tokens/s; {resolved.path.name}{plan_note}){where}",
+            err=True,
+        )
 
 
 @main.command()

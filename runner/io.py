@@ -1,23 +1,32 @@
-"""Reading texts (.txt, .jsonl, stdin) and writing vectors (.npy, .jsonl), atomically."""
+"""Reading texts (.txt, .jsonl, stdin) and writing vectors (.npy, .jsonl, .parquet), atomically.
+
+Large runs stream: vectors go to `<output>.parts/` one chunk at a time (each part written atomically),
+and the output file is assembled from the parts when the last one is done. `--resume` reuses the parts
+of an interrupted run with the same inputs, model and options (a fingerprint in parts/run.json).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from quantize.errors import BadInput
-from quantize.files import atomic_path
+from quantize.files import atomic_path, write_text_atomic
 
-FORMATS = ("npy", "jsonl")
+FORMATS = ("npy", "jsonl", "parquet")
+DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def read_texts(path: str, field: str = "text") -> list[str]:
+def read_texts(path: str, field: str = "text", errors: str = "strict") -> list[str]:
     """One text per line of a .txt file; in a .jsonl file, each line a JSON string or an object with FIELD.
 
-    `-` reads plain lines from stdin.
+    `-` reads plain lines from stdin. ERRORS="replace" puts U+FFFD for bytes that are not UTF-8 instead
+    of stopping with the line number.
     """
     if path == "-":
         raw = sys.stdin.buffer.read()
@@ -31,9 +40,11 @@ def read_texts(path: str, field: str = "text") -> list[str]:
     texts = []
     for n, line in enumerate(raw.splitlines(), 1):
         try:
-            text = line.decode("utf-8")
+            text = line.decode("utf-8", errors)
         except UnicodeDecodeError as e:
-            raise BadInput(f"{name}:{n}: not valid UTF-8 ({e.reason} at byte {e.start}); fix the file") from None
+            raise BadInput(
+                f"{name}:{n}: not valid UTF-8 ({e.reason} at byte {e.start}); fix the file or pass --errors replace"
+            ) from None
         if not jsonl:
             texts.append(text)
             continue
@@ -62,20 +73,114 @@ def output_format(path: str | None, fmt: str | None) -> str:
     return "jsonl"
 
 
-def write_vectors(vectors: np.ndarray, path: str | None, fmt: str) -> None:
-    """Write VECTORS to PATH (or stdout as JSON lines); a file appears only when complete."""
-    if path is None:
-        if fmt != "jsonl":
-            raise BadInput("--format npy needs --output FILE (binary output is not written to a terminal)")
-        for i, v in enumerate(vectors):
-            sys.stdout.write(json.dumps({"id": i, "embedding": v.tolist()}) + "\n")
-        return
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dest) as tmp:
-        with open(tmp, "wb") as f:
-            if fmt == "npy":
-                np.save(f, vectors.astype(np.float32))
+class VectorSink:
+    """Where a run's vectors go: stdout (JSON lines as they come) or OUTPUT, assembled from chunk parts."""
+
+    def __init__(self, path: str | None, fmt: str, dtype: str, fingerprint: str, resume: bool) -> None:
+        if fmt == "parquet":
+            _pyarrow()
+        if path is None and fmt != "jsonl":
+            raise BadInput(f"--format {fmt} needs --output FILE (binary output is not written to a terminal)")
+        self.path = Path(path) if path else None
+        self.fmt, self.dtype = fmt, DTYPES[dtype]
+        self.parts = self.path.with_name(self.path.name + ".parts") if self.path else None
+        self.printed = 0
+        if self.parts is None:
+            return
+        run = self.parts / "run.json"
+        if resume and run.is_file():
+            if json.loads(run.read_text()).get("fingerprint") != fingerprint:
+                raise BadInput(
+                    f"{self.parts}: left by a run with other inputs, model or options; "
+                    "delete it or run without --resume"
+                )
+            return
+        shutil.rmtree(self.parts, ignore_errors=True)
+        self.parts.mkdir(parents=True)
+        write_text_atomic(run, json.dumps({"fingerprint": fingerprint}) + "\n")
+
+    def done(self, chunk: int) -> bool:
+        return self.parts is not None and self._part(chunk).is_file()
+
+    def _part(self, chunk: int) -> Path:
+        assert self.parts is not None
+        return self.parts / f"{chunk:06d}.npy"
+
+    def write(self, chunk: int, vectors: np.ndarray) -> None:
+        if self.parts is None:
+            for v in vectors:
+                sys.stdout.write(json.dumps({"id": self.printed, "embedding": v.tolist()}) + "\n")
+                self.printed += 1
+            sys.stdout.flush()
+            return
+        with atomic_path(self._part(chunk)) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, vectors.astype(self.dtype))
+
+    def finish(self, n_chunks: int, dims: int) -> None:
+        """Assemble OUTPUT from the parts (atomically), then remove them."""
+        if self.path is None or self.parts is None:
+            return
+        parts = [np.load(self._part(c), mmap_mode="r") for c in range(n_chunks)]
+        n = sum(len(p) for p in parts)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            if self.fmt == "npy":
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype, shape=(n, dims))
+                start = 0
+                for p in parts:
+                    out[start : start + len(p)] = p
+                    start += len(p)
+                out.flush()
+                del out
+            elif self.fmt == "jsonl":
+                with open(tmp, "w", encoding="utf-8") as f:
+                    i = 0
+                    for p in parts:
+                        for v in p:
+                            f.write(json.dumps({"id": i, "embedding": v.astype(np.float32).tolist()}) + "\n")
+                            i += 1
             else:
-                for i, v in enumerate(vectors):
-                    f.write((json.dumps({"id": i, "embedding": v.tolist()}) + "\n").encode())
+                _write_parquet(tmp, parts, dims)
+        del parts
+        shutil.rmtree(self.parts, ignore_errors=True)
+
+
+def _pyarrow():
+    try:
+        import pyarrow  # noqa: F401
+        import pyarrow.parquet
+    except ImportError:
+        raise BadInput("--format parquet needs pyarrow: pip install pyarrow") from None
+    return pyarrow
+
+
+def _write_parquet(path: Path, parts: list[np.ndarray], dims: int) -> None:
+    pa = _pyarrow()
+    writer = None
+    start = 0
+    for p in parts:
+        values = pa.array(np.ascontiguousarray(p).reshape(-1))
+        table = pa.table(
+            {
+                "id": pa.array(np.arange(start, start + len(p))),
+                "embedding": pa.FixedSizeListArray.from_arrays(values, dims),
+            }
+        )
+        writer = writer or pa.parquet.ParquetWriter(str(path), table.schema)
+        writer.write_table(table)
+        start += len(p)
+    if writer is None:  # no texts: an empty table with the same columns
+        empty = pa.table({"id": pa.array([], pa.int64()), "embedding": pa.array([], pa.list_(pa.float32(), dims))})
+        writer = pa.parquet.ParquetWriter(str(path), empty.schema)
+    writer.close()
+
+
+def fingerprint(texts: list[str], model: Path, options: dict) -> str:
+    """What a resumed run must share with the interrupted one: the texts, the model file, the options."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"model": str(model.resolve()), "size": model.stat().st_size, **options}).encode())
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()
