@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,10 +40,12 @@ def quantize(
     unknown = [q for q in quants if q not in LADDER]
     if unknown:
         raise BadInput(f"unknown quant {', '.join(unknown)}; choose from {', '.join(LADDER)}")
-    read_metadata(source)  # fails early, with a clear message, on a file that is not a GGUF
+    meta = read_metadata(source)  # fails early, with a clear message, on a file that is not a GGUF
     llamacpp.init()
     outdir = Path(outdir) if outdir else source.parent
     outdir.mkdir(parents=True, exist_ok=True)
+    if head := meta.get(gguf_keys.HEAD_FILE):  # NV-Embed: each quant needs the pooling head beside it
+        _copy_head(source.parent / str(head), outdir / str(head))
     written = []
     for i, quant in enumerate(quants, 1):
         dest = quant_path(source, quant, outdir)
@@ -58,6 +61,14 @@ def quantize(
         progress(f"[{i}/{len(quants)}] {quant}: {dest.stat().st_size / 2**20:.1f} MiB")
         written.append(dest)
     return written
+
+
+def _copy_head(src: Path, dest: Path) -> None:
+    if not src.is_file():
+        raise BadInput(f"{src}: the pooling head this model needs is missing; re-run `runner convert`")
+    if src.resolve() != dest.resolve():
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(src, tmp)
 
 
 def read_metadata(path: Path) -> dict[str, object]:

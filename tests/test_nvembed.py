@@ -153,3 +153,10 @@ def test_parity_bounds_catch_a_missing_eos_or_instruction_mask(nvembed, referenc
         no_skip = engine.embed_tokens(with_eos, skips=[0] * len(items))
     for wrong in (no_eos, no_skip):
         assert cosines(wrong, references["query"]).min() < 0.99
+
+
+def test_quantize_elsewhere_carries_the_head(nvembed, tmp_path):
+    _, ggufs = nvembed
+    out = run_cli("quantize", str(ggufs["f16"]), "--quant", "Q4_K_M", "--outdir", str(tmp_path)).stdout.split()
+    assert (tmp_path / "hf.head.gguf").is_file()
+    run_cli("embed", "-m", out[0], "hello")
