@@ -10,7 +10,8 @@ Rule, in order:
    layers set the speed (they run an order of magnitude slower than GPU layers); ties go to fidelity.
 4. Else (no GPU, or nothing offloads): the CPU plan — the highest-fidelity quant from Q8_0 down that
    fits in free RAM. F16 is never chosen on a CPU unless asked for: Q8_0 keeps 0.999+ cosine at half
-   the memory and runs faster (bench.retention's timings).
+   the memory. Speed does not decide here: which quant is fastest depends on the CPU's kernels
+   (bench.cpu_quants measures it; the README has the numbers).
 """
 
 from __future__ import annotations

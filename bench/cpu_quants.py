@@ -1,0 +1,92 @@
+"""Which quant embeds fastest on this CPU, on the real 7-8B layer shape (the planner's CPU question).
+
+    python -m bench.cpu_quants [--layers 2] [--texts 24] [--repeats 3] [--quants F16,Q8_0,...] [--workdir DIR]
+
+The small real models of bench.speed are 384 and 576 wide, so their K-quants fall back to other types and
+never reach llama.cpp's repacked CPU kernels. This builds a random Llama-3.1-8B-shaped checkpoint (hidden
+4096, FFN 14336, 32/8 heads, Llama-3 vocabulary) cut to --layers layers, converts it to F16, quantizes it,
+and times `Engine.embed_tokens` on the same `bench.corpus` texts for each file: tokens/s (median of
+--repeats after a warm-up) and the speed relative to Q8_0. Speed per layer does not depend on the weights'
+values or on the depth, so a few layers stand for the 32 of llama-embed-nemotron-8b and NV-Embed-v2's trunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.convert_memory import Shape, build_checkpoint
+from bench.corpus import corpus
+from quantize.convert import convert
+from quantize.ladder import LADDER, quant_path, quantize
+from runner.engine import Engine, physical_cores
+
+DEFAULT_QUANTS = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def model_files(workdir: Path, layers: int, quants: list[str]) -> dict[str, Path]:
+    """{quant: GGUF} for an 8B-shaped checkpoint of LAYERS layers, each built once in WORKDIR."""
+    ckpt = workdir / f"llama-8b-shape-{layers}l"
+    if not (ckpt / "config.json").is_file():
+        log(f"building {ckpt}")
+        build_checkpoint(ckpt, Shape(layers, 4096, 14336, 128256), "bf16", workdir)
+    f16 = workdir / "gguf" / f"{ckpt.name}-F16.gguf"
+    if not f16.is_file():
+        f16 = convert(str(ckpt), workdir / "gguf", "f16")
+    missing = [q for q in quants if q != "F16" and not quant_path(f16, q).is_file()]
+    if missing:
+        quantize(f16, missing, f16.parent, progress=log)
+    return {q: f16 if q == "F16" else quant_path(f16, q) for q in quants}
+
+
+def tokens_per_second(path: Path, texts: list[str], repeats: int) -> float:
+    with Engine(path) as engine:
+        seqs = [engine.tokenize(t) for t in texts]
+        engine.embed_tokens(seqs)  # warm-up: context, page-in, repacking
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            engine.embed_tokens(seqs)
+            times.append(time.perf_counter() - start)
+    return sum(len(s) for s in seqs) / statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m bench.cpu_quants", description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--texts", type=int, default=24)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quants", default=",".join(DEFAULT_QUANTS))
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cpu-quants")
+    args = p.parse_args(argv)
+    quants = [q.strip().upper() for q in args.quants.split(",") if q.strip()]
+    if unknown := [q for q in quants if q not in ("F16", *LADDER)]:
+        p.error(f"unknown quant {', '.join(unknown)}; choose from F16, {', '.join(LADDER)}")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    files = model_files(args.workdir.resolve(), args.layers, quants)
+    texts = corpus(1000)[: args.texts]
+    speed = {}
+    for quant, path in files.items():
+        speed[quant] = tokens_per_second(path, texts, args.repeats)
+        log(f"{quant}: {speed[quant]:.1f} tokens/s")
+    base = speed.get("Q8_0")
+    print(f"`{shlex.join(['python', '-m', 'bench.cpu_quants', *argv])}`: {args.layers} layers of the Llama-3.1-8B")
+    print(f"shape, {len(texts)} texts, {physical_cores()} threads, median of {args.repeats}")
+    print("| quant | tokens/s | vs Q8_0 |")
+    print("|---|---:|---:|")
+    for quant, tps in speed.items():
+        print(f"| {quant} | {tps:.1f} | {f'{tps / base:.2f}x' if base else ''} |")
+
+
+if __name__ == "__main__":
+    main()
