@@ -138,9 +138,7 @@ class Engine:
         lengths = np.array([len(s) for s in seqs])
         if lengths.min() == 0:
             raise BadInput(f"input {int(lengths.argmin()) + 1}: no tokens to embed")
-        # llama.cpp pads the KV cache to 256 cells; a micro-batch of another size failed its
-        # mul_mat shape assertion (the process aborts), so budgets are whole multiples of 256.
-        self._ensure_context(-(-max(token_budget, int(lengths.max())) // KV_PAD) * KV_PAD)
+        self._ensure_context(max(token_budget, int(lengths.max())))
         order = np.argsort(-lengths, kind="stable")  # longest first: the first batch fails fast
         batch: list[int] = []
         used = 0
@@ -155,9 +153,13 @@ class Engine:
 
     def reserve(self, tokens: int) -> None:
         """Create the context for sequences up to TOKENS long now, so a lack of memory shows at once."""
-        self._ensure_context(-(-max(DEFAULT_TOKEN_BUDGET, tokens) // KV_PAD) * KV_PAD)
+        self._ensure_context(max(DEFAULT_TOKEN_BUDGET, tokens))
 
-    def _ensure_context(self, budget: int) -> None:
+    def _ensure_context(self, tokens: int) -> None:
+        """A context whose token budget holds TOKENS, rounded up to a whole multiple of 256."""
+        # llama.cpp pads the KV cache to 256 cells; a micro-batch of another size failed its
+        # mul_mat shape assertion (the process aborts), so budgets are whole multiples of 256.
+        budget = -(-tokens // KV_PAD) * KV_PAD
         if self._ctx is not None and budget <= self._budget:
             return
         self._free_context()
