@@ -156,6 +156,29 @@ def build_checkpoint(dest: Path, shape: Shape, dtype: str, scratch: Path) -> Non
     shutil.rmtree(tok)
 
 
+def llama8b_ggufs(workdir: Path, layers: int, quants: list[str]) -> dict[str, Path]:
+    """{quant: GGUF} ("F16" or a ladder quant) of a random Llama-3.1-8B-shaped checkpoint cut to LAYERS
+    layers, each file built once in WORKDIR and reused after. Progress goes to stderr."""
+
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    from quantize.convert import convert
+    from quantize.ladder import quant_path, quantize
+
+    ckpt = workdir / f"llama-8b-shape-{layers}l"
+    if not (ckpt / "config.json").is_file():
+        progress(f"building {ckpt}")
+        build_checkpoint(ckpt, Shape(layers, 4096, 14336, 128256), "bf16", workdir)
+    f16 = workdir / "gguf" / f"{ckpt.name}-F16.gguf"
+    if not f16.is_file():
+        f16 = convert(str(ckpt), workdir / "gguf", "f16")
+    missing = [q for q in quants if q != "F16" and not quant_path(f16, q).is_file()]
+    if missing:
+        quantize(f16, missing, f16.parent, progress=progress)
+    return {q: f16 if q == "F16" else quant_path(f16, q) for q in quants}
+
+
 @dataclass
 class RssSampler:
     """Polls /proc/<pid>/status of a process tree; keeps the peak of each field (kB) over all its processes."""

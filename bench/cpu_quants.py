@@ -20,10 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.convert_memory import Shape, build_checkpoint
+from bench.convert_memory import llama8b_ggufs
 from bench.corpus import corpus
-from quantize.convert import convert
-from quantize.ladder import LADDER, quant_path, quantize
+from quantize.ladder import LADDER
 from runner.engine import Engine, physical_cores
 
 DEFAULT_QUANTS = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K"]
@@ -31,21 +30,6 @@ DEFAULT_QUANTS = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M",
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def model_files(workdir: Path, layers: int, quants: list[str]) -> dict[str, Path]:
-    """{quant: GGUF} for an 8B-shaped checkpoint of LAYERS layers, each built once in WORKDIR."""
-    ckpt = workdir / f"llama-8b-shape-{layers}l"
-    if not (ckpt / "config.json").is_file():
-        log(f"building {ckpt}")
-        build_checkpoint(ckpt, Shape(layers, 4096, 14336, 128256), "bf16", workdir)
-    f16 = workdir / "gguf" / f"{ckpt.name}-F16.gguf"
-    if not f16.is_file():
-        f16 = convert(str(ckpt), workdir / "gguf", "f16")
-    missing = [q for q in quants if q != "F16" and not quant_path(f16, q).is_file()]
-    if missing:
-        quantize(f16, missing, f16.parent, progress=log)
-    return {q: f16 if q == "F16" else quant_path(f16, q) for q in quants}
 
 
 def tokens_per_second(path: Path, texts: list[str], repeats: int) -> float:
@@ -73,8 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := [q for q in quants if q not in ("F16", *LADDER)]:
         p.error(f"unknown quant {', '.join(unknown)}; choose from F16, {', '.join(LADDER)}")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    files = model_files(args.workdir.resolve(), args.layers, quants)
-    texts = corpus(1000)[: args.texts]
+    files = llama8b_ggufs(args.workdir.resolve(), args.layers, quants)
+    texts = corpus(args.texts)
     speed = {}
     for quant, path in files.items():
         speed[quant] = tokens_per_second(path, texts, args.repeats)

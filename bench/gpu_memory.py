@@ -20,9 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.convert_memory import Shape, build_checkpoint
-from quantize.convert import convert
-from quantize.ladder import quantize
+from bench.convert_memory import llama8b_ggufs
 from runner.engine import Engine
 from runner.memory import Settings, needs
 from runner.shapes import from_gguf
@@ -47,16 +45,8 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gpu-memory")
     args = p.parse_args()
     work = args.workdir
-    ckpt = work / "llama-8b-shape"
-    if not (ckpt / "config.json").is_file():
-        build_checkpoint(ckpt, Shape(args.layers, 4096, 14336, 128256), "bf16", work)
-    f16 = work / "gguf" / "llama-8b-shape-F16.gguf"
-    if not f16.is_file():
-        f16 = convert(str(ckpt), work / "gguf", "f16")
-    files = {"F16": f16}
-    for quant in ("Q8_0", "Q4_K_M"):
-        path = f16.with_name(f"llama-8b-shape-{quant}.gguf")
-        files[quant] = path if path.is_file() else quantize(f16, [quant])[0]
+    files = llama8b_ggufs(work, args.layers, ["F16", "Q8_0", "Q4_K_M"])
+    f16 = files["F16"]
     shape, s = from_gguf(f16), Settings(args.max_length)
     seq = [np.full(args.max_length, 1000, dtype=np.int32)]
     print(f"| quant | GPU layers | predicted GiB | measured GiB | ratio |  (max length {args.max_length})")

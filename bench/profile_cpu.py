@@ -30,7 +30,7 @@ from runner.embed import embed_texts
 from runner.engine import Engine
 from runner.model import Prompts
 with Engine(Path(sys.argv[1])) as engine:
-    embed_texts(engine, corpus(max(1000, int(sys.argv[2])))[: int(sys.argv[2])], Prompts("{text}", "{text}", None))
+    embed_texts(engine, corpus(int(sys.argv[2])), Prompts("{text}", "{text}", None))
 """
 SAMPLE = re.compile(r"\s+([\d.]+)%\s+(\S+)\s+\[.\]\s+(\S+)")
 
