@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.convert_memory import llama8b_ggufs
 from bench.corpus import corpus
-from quantize.ladder import LADDER
+from quantize.quants import LADDER
 from runner.engine import Engine, physical_cores
 
 DEFAULT_QUANTS = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K"]

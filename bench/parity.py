@@ -19,9 +19,9 @@ import numpy as np
 
 from quantize.convert import convert
 from quantize.source import package_dir
-from runner.embed import embed_texts
 from runner.engine import Engine
-from runner.model import Prompts
+from runner.model import Prompts, ResolvedModel
+from runner.pipeline import Pipeline
 from tests.conftest import TINY, texts
 from tests.nvembed_reference import build_tiny_nvembed, reference_nvembed
 from tests.reference import build_tiny, cosines, reference_embed
@@ -34,7 +34,8 @@ def _ours(gguf: Path, items: list[str], query_task: str | None = None) -> np.nda
         Prompts("Instruct: {task}\nQuery: {text}", "{text}", None) if query_task else Prompts("{text}", "{text}", None)
     )
     with Engine(gguf) as engine:
-        return embed_texts(engine, items, prompts, query=bool(query_task), task=query_task)
+        pipeline = Pipeline(engine, ResolvedModel.of_file(gguf, prompts))
+        return pipeline.embed(items, query=bool(query_task), task=query_task)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Where CPU embedding time goes: a `perf` profile of `embed_texts` on one GGUF, split by library and kernel.
+"""Where CPU embedding time goes: a `perf` profile of `Pipeline.embed` on one GGUF, split by library and kernel.
 
     python -m bench.profile_cpu GGUF [--texts 200]
 
@@ -26,11 +26,10 @@ CHILD = """
 import sys
 from pathlib import Path
 from bench.corpus import corpus
-from runner.embed import embed_texts
 from runner.engine import Engine
-from runner.model import Prompts
+from runner.pipeline import Pipeline
 with Engine(Path(sys.argv[1])) as engine:
-    embed_texts(engine, corpus(int(sys.argv[2])), Prompts("{text}", "{text}", None))
+    Pipeline(engine).embed(corpus(int(sys.argv[2])))
 """
 SAMPLE = re.compile(r"\s+([\d.]+)%\s+(\S+)\s+\[.\]\s+(\S+)")
 

@@ -16,7 +16,7 @@ cached in --workdir and reused on the next run (delete the directory to start ov
 One row per model file: size in MiB, bits per weight (file bytes * 8 / parameters of the F16 file),
 mean and min cosine to the F16 vector of the same text, top-10 neighbour overlap (for each text, its 10
 nearest other texts by cosine under F16 and under the quant; mean |intersection| / 10). The seconds each
-`embed_texts` took go to stderr only: speed is bench.speed's job, on a quiet machine.
+`Pipeline.embed` took go to stderr only: speed is bench.speed's job, on a quiet machine.
 Progress goes to stderr, the table to stdout.
 """
 
@@ -37,10 +37,10 @@ import numpy as np
 
 from bench.corpus import corpus
 from quantize.convert import convert
-from quantize.ladder import LADDER, quant_path, quantize
-from runner.embed import embed_texts
+from quantize.ladder import quant_path, quantize
+from quantize.quants import LADDER
 from runner.engine import Engine
-from runner.model import Prompts
+from runner.pipeline import Pipeline
 
 
 def _smollm2(dest: Path) -> None:
@@ -64,7 +64,6 @@ def _nvembed_shaped(dest: Path) -> None:
 # --model NAME -> how to build its HF checkpoint
 MODELS = {"SmolLM2-135M": _smollm2, "NV-Embed-shaped": _nvembed_shaped}
 TOP_K = 10
-PLAIN = Prompts(query="{text}", document="{text}", default_task=None)
 
 
 @dataclass(frozen=True)
@@ -141,7 +140,7 @@ def overlap(a: np.ndarray, b: np.ndarray) -> float:
 def embed(path: Path, texts: list[str]) -> tuple[np.ndarray, float]:
     with Engine(path) as engine:
         start = time.perf_counter()
-        vectors = embed_texts(engine, texts, PLAIN, normalize=True)
+        vectors = Pipeline(engine).embed(texts)
         return vectors, time.perf_counter() - start
 
 

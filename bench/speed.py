@@ -5,7 +5,7 @@
 
 For (a) all-MiniLM-L6-v2 (sentence-transformers float32 as the baseline) and (b) SmolLM2-135M's real
 weights as a bidirectional mean-pooling embedder (transformers float32, tests/reference.py): tokens/s and
-texts/s of PyTorch and of `runner.embed.embed_texts` at F16, Q8_0 and Q4_K_M (or --quants), the ratio to PyTorch, and
+texts/s of PyTorch and of `Pipeline.embed` at F16, Q8_0 and Q4_K_M (or --quants), the ratio to PyTorch, and
 the mean/min cosine to the float32 reference. For Q8_0 also:
 - "bare decode": the same micro-batches through llama_decode alone (tokenized, packed and copied out
   beforehand), so ours / bare = the Python overhead around llama.cpp;
@@ -28,11 +28,9 @@ import numpy as np
 from bench.corpus import corpus
 from quantize.convert import convert
 from quantize.ladder import quant_path, quantize
-from runner.embed import embed_texts
 from runner.engine import Engine, physical_cores
-from runner.model import Prompts
+from runner.pipeline import Pipeline
 
-PLAIN = Prompts("{text}", "{text}", None)
 QUANTS = ["F16", "Q8_0", "Q4_K_M"]
 
 
@@ -136,8 +134,9 @@ def run_model(label: str, files: dict[str, Path], ref: np.ndarray, torch_s: floa
         with Engine(path, n_threads=threads) as engine:
             seqs = [engine.tokenize(t) for t in texts]
             n_tokens = sum(len(s) for s in seqs)
-            embed_texts(engine, texts[:64], PLAIN)  # warm-up
-            vectors, s = timed(lambda e=engine: embed_texts(e, texts, PLAIN))
+            pipeline = Pipeline(engine)
+            pipeline.embed(texts[:64])  # warm-up
+            vectors, s = timed(lambda p=pipeline: p.embed(texts))
             c = cos(vectors, ref)
             rows.append(
                 f"| {label} | ours {quant} | {len(texts) / s:.1f} | {n_tokens / s:.0f} | {torch_s / s:.2f}x "

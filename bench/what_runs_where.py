@@ -1,4 +1,4 @@
-"""The README's "what runs where" table: runner/plan.py's choice for each registry LLM on typical machines.
+"""The README's "what runs where" table: planner/policy.py's choice for each registry LLM on typical machines.
 
     python -m bench.what_runs_where [--max-length 4096] [--reserve 1GiB]
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 
-from runner.hardware import Gpu, Hardware, parse_size, with_overrides
-from runner.plan import plan
-from runner.shapes import resolve_shape
+from planner.hardware import Gpu, Hardware, parse_size, with_overrides
+from planner.policy import plan
+from planner.shapes import resolve_shape
 
 GIB = 2**30
 MODELS = ["llama-embed-nemotron-8b", "nv-embed-v2"]
@@ -55,8 +55,8 @@ def main() -> None:
         print(f"| {label}, {ram} GiB RAM | " + " | ".join(cells) + " |")
     print(f"\n`python -m bench.what_runs_where --max-length {args.max_length}`; GGUF sizes:")
     shape = resolve_shape(MODELS[0])
+    from quantize.quants import FIDELITY
     from quantize.sizes import file_bytes
-    from runner.plan import FIDELITY
 
     sizes = [file_bytes(list(shape.tensors), q, shape.header_bytes, shape.layers, shape.n_gqa) for q in FIDELITY]
     print(f"{MODELS[0]}: " + ", ".join(f"{q} {b / GIB:.2f} GiB" for q, b in zip(FIDELITY, sizes, strict=True)))

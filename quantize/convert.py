@@ -1,28 +1,30 @@
 """HF checkpoint -> one GGUF file (F32, F16 or BF16), streamed one tensor at a time.
 
-The story: resolve the source, pick the architecture from config.json, index the safetensors
-shards without reading them, write the GGUF header (hyper-parameters, tokenizer, provenance),
-then load, transform and write each tensor in turn. The file appears under its final name only
-once complete and fsynced.
+The story: resolve the source, pick the model family from config.json, reuse the file when it was
+made from this very source, else index the safetensors shards without reading them, write the GGUF
+header (hyper-parameters, tokenizer, provenance), then load, transform and write each tensor in turn.
+The file appears under its final name only once complete and fsynced, and is recorded in manifest.json.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
 
 from quantize import CONVERTER_VERSION, gguf_keys
-from quantize.architectures import Architecture, for_config
+from quantize.architectures import Family, for_config
 from quantize.checkpoint import LazyTensor, open_checkpoint
+from quantize.errors import CorruptModelFile
 from quantize.files import atomic_path, models_home, sha256
+from quantize.manifest import read_metadata, record
 from quantize.registry import ModelEntry
-from quantize.source import Source, read_config, resolve
+from quantize.source import Source, read_config, resolve, source_files
 from quantize.vocab import add_vocab
 
 OUTTYPES = {
@@ -57,31 +59,64 @@ def convert(
     revision: str | None = None,
     as_embedder: bool = False,
 ) -> Path:
-    """Convert SOURCE (HF dir, registry name or hub repo id) and return the GGUF path written."""
+    """Convert SOURCE (HF dir, registry name or hub repo id) and return the GGUF path.
+
+    A file already made from the same source files, registry entry and converter version is reused.
+    """
     src = resolve(source, revision)
     config = read_config(src.path)
     entry = src.entry
-    arch = for_config(config, embedder=as_embedder or bool(entry and entry.embedder), where=source)
-    tensors = open_checkpoint(src.path)
+    family = for_config(config, embedder=as_embedder or bool(entry and entry.embedder), where=source)
     name = entry.name if entry else (src.repo or src.path.name).split("/")[-1]
     outdir = Path(outdir) if outdir else models_home() / name
     outdir.mkdir(parents=True, exist_ok=True)
     path = outdir / f"{name}-{outtype.upper()}.gguf"
-    extra: dict[str, object] = {}
-    if hasattr(arch, "head_tensors"):
-        load = lambda n: tensors[n].load() if n in tensors else None  # noqa: E731
-        head = write_head(arch, load, outdir / f"{name}.head.gguf")
-        extra = {gguf_keys.HEAD_FILE: head.name, gguf_keys.HEAD_SHA256: sha256(head)}
-    write_gguf(path, arch, tensors, src, name, outtype, extra)
+    stamp = source_stamp(src, outtype, as_embedder)
+    if is_current(path, stamp):
+        return path
+    tensors = open_checkpoint(src.path)
+    extra: dict[str, object] = {gguf_keys.SOURCE_STAMP: stamp}
+    head = family.head_tensors(lambda n: tensors[n].load() if n in tensors else None)
+    if head is not None:
+        head_path = write_head(family, head, outdir / f"{name}.head.gguf")
+        record(head_path, "head")
+        extra |= {gguf_keys.HEAD_FILE: head_path.name, gguf_keys.HEAD_SHA256: sha256(head_path)}
+    write_gguf(path, family, tensors, src, name, outtype, extra)
+    record(path, outtype.upper())
     return path
 
 
-def write_head(arch: Architecture, load: Callable[[str], np.ndarray | None], path: Path) -> Path:
-    """The pooling head's sidecar GGUF (float32), from the checkpoint tensors LOAD returns by HF name."""
-    head = arch.head_tensors(load)
+def source_stamp(src: Source, outtype: str, as_embedder: bool) -> str:
+    """A digest of everything a converted file depends on, cheap to recompute (no weights are read)."""
+    files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in source_files(src.path)]
+    what = {
+        "path": str(src.path),
+        "files": files,
+        "entry": asdict(src.entry) if src.entry else None,
+        "outtype": outtype,
+        "as_embedder": as_embedder,
+        "converter": CONVERTER_VERSION,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def is_current(path: Path, stamp: str) -> bool:
+    """PATH exists, was made from the source STAMP describes, and its pooling head (if any) is beside it."""
+    if not path.is_file():
+        return False
+    try:
+        meta = read_metadata(path)
+    except CorruptModelFile:
+        return False
+    head = meta.get(gguf_keys.HEAD_FILE)
+    return meta.get(gguf_keys.SOURCE_STAMP) == stamp and (not head or (path.parent / str(head)).is_file())
+
+
+def write_head(family: Family, head: dict[str, np.ndarray], path: Path) -> Path:
+    """The pooling head's sidecar GGUF (float32)."""
     with atomic_path(path) as tmp:
-        w = gguf.GGUFWriter(tmp, arch.head_arch)
-        arch.write_head(w, head)
+        w = gguf.GGUFWriter(tmp, family.head_arch)
+        family.write_head(w, head)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -91,7 +126,7 @@ def write_head(arch: Architecture, load: Callable[[str], np.ndarray | None], pat
 
 def write_gguf(
     path: Path,
-    arch: Architecture,
+    arch: Family,
     tensors: dict[str, LazyTensor],
     src: Source,
     name: str,
@@ -117,7 +152,7 @@ def write_gguf(
         w.close()
 
 
-def _plan(arch: Architecture, tensors: dict[str, LazyTensor], qtype: gguf.GGMLQuantizationType) -> list[_Planned]:
+def _plan(arch: Family, tensors: dict[str, LazyTensor], qtype: gguf.GGMLQuantizationType) -> list[_Planned]:
     plan: list[_Planned] = []
     for hf_name, lazy in tensors.items():
         gguf_name = arch.gguf_name(hf_name)
@@ -130,7 +165,7 @@ def _plan(arch: Architecture, tensors: dict[str, LazyTensor], qtype: gguf.GGMLQu
 
 
 def _write_metadata(
-    w: gguf.GGUFWriter, arch: Architecture, src: Source, name: str, ftype: int, extra: dict[str, object]
+    w: gguf.GGUFWriter, arch: Family, src: Source, name: str, ftype: int, extra: dict[str, object]
 ) -> None:
     entry: ModelEntry | None = src.entry
     w.add_name(name)
@@ -142,11 +177,11 @@ def _write_metadata(
     w.add_string(gguf_keys.SOURCE_REVISION, src.revision or "local")
     w.add_string(gguf_keys.CONVERTER_VERSION, CONVERTER_VERSION)
     arch.write_hparams(w)
-    pooling = entry.pooling if entry else getattr(arch, "pooling", None) or _checkpoint_pooling(src.path)
+    pooling = entry.pooling if entry else arch.pooling or _checkpoint_pooling(src.path)
     w.add_pooling_type(POOLING_TYPES[pooling])
     w.add_string(gguf_keys.POOLING, pooling)
-    # The architecture's own defaults (prompts, pooling rules), then what the registry says over them.
-    values = dict(arch.metadata_defaults()) if hasattr(arch, "metadata_defaults") else {}
+    # The family's own defaults (prompts, pooling rules), then what the registry says over them.
+    values = dict(arch.metadata_defaults())
     values.update(extra)
     if entry:
         w.add_license(entry.license)

@@ -27,3 +27,7 @@ class BadInput(UserError):
 
 class EngineError(UserError):
     pass
+
+
+class OutOfMemory(EngineError):
+    """llama.cpp could not allocate a model or context: the one failure worth retrying with fewer GPU layers."""

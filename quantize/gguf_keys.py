@@ -7,6 +7,9 @@ bare GGUF file be embedded without a registry entry.
 NAMESPACE = "embedrunner"
 SOURCE_REPO = f"{NAMESPACE}.source.repo"
 SOURCE_REVISION = f"{NAMESPACE}.source.revision"
+# What the file was made from (source files' names, sizes and mtimes, registry entry, converter version):
+# a later conversion of an unchanged source reuses the file instead of writing it again.
+SOURCE_STAMP = f"{NAMESPACE}.source.stamp"
 CONVERTER_VERSION = f"{NAMESPACE}.converter.version"
 POOLING = f"{NAMESPACE}.pooling"
 MAX_LENGTH = f"{NAMESPACE}.max_length"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -11,21 +10,18 @@ from pathlib import Path
 
 import llama_cpp
 
-from quantize import CONVERTER_VERSION, gguf_keys, llamacpp
-from quantize.errors import BadInput, CorruptModelFile, EngineError
-from quantize.files import atomic_path, sha256, write_text_atomic
-from quantize.gguf_header import read_header
-
-# Best fidelity first.
-LADDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
-MANIFEST = "manifest.json"
+from quantize import gguf_keys, llamacpp
+from quantize.errors import BadInput, EngineError
+from quantize.files import atomic_path
+from quantize.manifest import read_metadata, record
+from quantize.quants import LADDER, UNQUANTIZED
 
 
 def quant_path(source: Path, quant: str, outdir: Path | None = None) -> Path:
     """`<stem>-<QUANT>.gguf`, where the stem drops a trailing -F16/-F32/-BF16 of the source."""
     stem = source.stem
-    for suffix in ("-F16", "-F32", "-BF16"):
-        stem = stem.removesuffix(suffix)
+    for tag in UNQUANTIZED:
+        stem = stem.removesuffix(f"-{tag}")
     return (outdir or source.parent) / f"{stem}-{quant}.gguf"
 
 
@@ -69,30 +65,3 @@ def _copy_head(src: Path, dest: Path) -> None:
     if src.resolve() != dest.resolve():
         with atomic_path(dest) as tmp:
             shutil.copyfile(src, tmp)
-
-
-def read_metadata(path: Path) -> dict[str, object]:
-    """The GGUF's key/value metadata (scalars and strings only), or CorruptModelFile."""
-    if not path.is_file():
-        raise BadInput(f"{path}: no such file")
-    try:
-        return read_header(path).metadata
-    except Exception as e:  # ValueError, struct.error, UnicodeDecodeError... on files that are not GGUF
-        raise CorruptModelFile(f"{path}: not a readable GGUF file ({e}); re-create it with `runner convert`") from None
-
-
-def record(path: Path, quant: str) -> None:
-    """Add PATH to its directory's manifest.json: quant, bytes, sha256, source and converter version."""
-    meta = read_metadata(path)
-    manifest_path = path.parent / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"files": {}}
-    manifest["files"][path.name] = {
-        "quant": quant,
-        "bytes": path.stat().st_size,
-        "sha256": sha256(path),
-        "source_repo": meta.get(gguf_keys.SOURCE_REPO),
-        "source_revision": meta.get(gguf_keys.SOURCE_REVISION),
-        "converter_version": meta.get(gguf_keys.CONVERTER_VERSION, CONVERTER_VERSION),
-    }
-    manifest["files"] = dict(sorted(manifest["files"].items()))
-    write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")

@@ -101,6 +101,12 @@ def download(repo: str, revision: str | None) -> Path:
         raise ModelNotFound(f"{repo}: download failed ({e}); check the network or pass a local directory") from None
 
 
+def source_files(path: Path) -> list[Path]:
+    """The files of an HF directory a conversion reads: weights, config, tokenizer (HUB_PATTERNS)."""
+    found = {p for pattern in HUB_PATTERNS for p in path.glob(pattern) if p.is_file()}
+    return sorted(found)
+
+
 def read_config(path: Path) -> dict:
     try:
         return json.loads((path / "config.json").read_text(encoding="utf-8"))

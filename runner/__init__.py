@@ -1,5 +1,23 @@
-"""Runner: load a GGUF embedder into llama.cpp and turn texts into vectors."""
+"""Runner: load a GGUF embedder into llama.cpp and turn texts into vectors.
 
-from runner.api import Embedder
+`Embedder` is imported on first use, so `import runner.<module>` of a pure module (or of the planner
+through it) does not load llama.cpp's native library.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runner.api import Embedder
+
+
+def __getattr__(name: str):
+    if name == "Embedder":
+        from runner.api import Embedder
+
+        return Embedder
+    raise AttributeError(f"module 'runner' has no attribute {name!r}")
+
 
 __all__ = ["Embedder"]

@@ -9,50 +9,47 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
-from runner.embed import embed_texts
-from runner.engine import open_engine
-from runner.model import resolve_model
-
-
-def auto_plan(model: str):
-    """runner/plan.py's choice for MODEL on this machine, at the model's default max length."""
-    from quantize.registry import load_registry
-    from runner.hardware import probe, with_overrides
-    from runner.plan import default_max_length, plan
-    from runner.shapes import file_quant, resolve_shape
-
-    shape = resolve_shape(model)
-    entry = load_registry().get(model)
-    quant = file_quant(Path(model)) if Path(model).is_file() else None
-    hw = with_overrides(probe(), reserve=2**30)
-    return plan(shape, hw, default_max_length(shape, entry.max_length if entry else None), quant)
+from planner import HardwareOptions, Plan
+from quantize.errors import BadInput
+from runner.pipeline import Pipeline, open_pipeline
 
 
 class Embedder:
     """A GGUF embedder: a .gguf file, a model directory, or a models.toml name.
 
     quant picks a file of a model directory or name (default: the highest fidelity on disk); "auto" plans
-    for this machine like `runner embed --auto-quant` (quant, GPU layers; produced if not on disk).
+    for this machine like `runner embed --auto-quant` (quant, GPU layers; produced if not on disk), with
+    HARDWARE saying what to plan for (default: what the probe finds, 1 GiB kept back on every device).
+    max_length: where inputs are cut (default: the model's, as `runner embed`).
     """
 
-    def __init__(self, model: str, quant: str | None = None, threads: int | None = None) -> None:
-        gpu_layers, split, reserve = 0, None, 0
-        self.plan = None
-        if quant is not None and quant.lower() == "auto":
-            self.plan = auto_plan(model)
-            gpu_layers, split = self.plan.chosen.n_gpu_layers, self.plan.tensor_split
-            reserve = self.plan.settings.max_length  # claim the planned context now: fail (and retry) early
-            quant = None if Path(model).is_file() else self.plan.chosen.quant
-        self.resolved = resolve_model(model, quant)
-        self.engine = open_engine(self.resolved.path, threads, gpu_layers, split, reserve)
+    def __init__(
+        self,
+        model: str,
+        quant: str | None = None,
+        threads: int | None = None,
+        max_length: int | None = None,
+        hardware: HardwareOptions | None = None,
+    ) -> None:
+        auto = quant is not None and quant.lower() == "auto"
+        self.pipeline: Pipeline = open_pipeline(
+            model, None if auto else quant, auto_quant=auto, max_length=max_length, threads=threads, hardware=hardware
+        )
+
+    @property
+    def plan(self) -> Plan | None:
+        return self.pipeline.plan
 
     @property
     def dims(self) -> int:
-        return self.engine.n_embd
+        return self.pipeline.dims
+
+    @property
+    def max_length(self) -> int:
+        return self.pipeline.max_length
 
     def encode(
         self,
@@ -62,7 +59,6 @@ class Embedder:
         show_progress_bar: bool = False,
         query: bool = False,
         task: str | None = None,
-        max_length: int | None = None,
     ) -> np.ndarray:
         """float32 vectors, one row per text (a 1-D vector for a single string).
 
@@ -70,23 +66,16 @@ class Embedder:
         """
         from tqdm import tqdm
 
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise BadInput(f"batch_size {batch_size!r}: must be a whole number of at least 1")
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(sentences)
         out = np.empty((len(texts), self.dims), dtype=np.float32)
         with tqdm(total=len(texts), unit="text", disable=not show_progress_bar) as bar:
-            for start in range(0, len(texts), max(1, batch_size)):
-                batch = texts[start : start + batch_size]
-                out[start : start + len(batch)] = embed_texts(
-                    self.engine,
-                    batch,
-                    self.resolved.prompts,
-                    query=query,
-                    task=task,
-                    max_length=max_length or self.resolved.max_length,
-                    normalize=normalize_embeddings,
-                    first_index=start,
-                )
-                bar.update(len(batch))
+            chunks = self.pipeline.stream(texts, batch_size, query=query, task=task, normalize=normalize_embeddings)
+            for chunk in chunks:
+                out[chunk.first : chunk.first + chunk.count] = chunk.vectors
+                bar.update(chunk.count)
         return out[0] if single else out
 
     def encode_query(self, sentences: str | Sequence[str], task: str | None = None, **kwargs) -> np.ndarray:
@@ -97,7 +86,7 @@ class Embedder:
         return self.encode(sentences, query=False, **kwargs)
 
     def close(self) -> None:
-        self.engine.close()
+        self.pipeline.close()
 
     def __enter__(self) -> Embedder:
         return self

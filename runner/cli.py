@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 import click
 
 from quantize.errors import BadInput, UserError
-from quantize.ladder import LADDER
+from quantize.quants import LADDER
+
+
+class _OneLine(logging.Formatter):
+    """`warning: message` on stderr, as the CLI's own errors read."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
 class _Cli(click.Group):
@@ -37,6 +45,12 @@ class _Cli(click.Group):
 def main(ctx: click.Context, debug: bool) -> None:
     """Run LLM text embedders through llama.cpp."""
     ctx.obj = {"debug": debug}
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    logger = logging.getLogger("runner")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False
 
 
 @main.command()
@@ -48,16 +62,16 @@ def main(ctx: click.Context, debug: bool) -> None:
     "--as-embedder", is_flag=True, help="Run a causal-LM checkpoint as a bidirectional mean-pooling embedder."
 )
 def convert(source: str, outdir: Path | None, outtype: str, revision: str | None, as_embedder: bool) -> None:
-    """Convert SOURCE (HF directory, models.toml name, or hub repo id) to one GGUF; prints its path."""
+    """Convert SOURCE (HF directory, models.toml name, or hub repo id) to one GGUF; prints its path.
+
+    A file already converted from the same, unchanged source is reused.
+    """
     from quantize import gguf_keys
     from quantize.convert import convert as run_convert
-    from quantize.ladder import read_metadata, record
+    from quantize.manifest import read_metadata
 
     path = run_convert(source, outdir=outdir, outtype=outtype, revision=revision, as_embedder=as_embedder)
-    record(path, outtype.upper())
     meta = read_metadata(path)
-    if head := meta.get(gguf_keys.HEAD_FILE):
-        record(path.parent / str(head), "head")
     if note := meta.get(gguf_keys.LICENSE_NOTE):
         click.echo(f"licence: {note}", err=True)
     click.echo(str(path))
@@ -99,20 +113,10 @@ def hardware_options(f):
     return f
 
 
-def _plan(model: str, quant: str | None, max_length: int | None, hw_opts: dict):
-    from quantize.registry import load_registry
-    from runner.hardware import parse_size, probe, with_overrides
-    from runner.plan import default_max_length, plan
-    from runner.shapes import file_quant, resolve_shape
+def _hardware(hw_opts: dict):
+    from planner import HardwareOptions
 
-    shape = resolve_shape(model)
-    if quant is None and Path(model).is_file():
-        quant = file_quant(Path(model))  # a GGUF file is one quant: plan its placement only
-    reserve = parse_size(hw_opts["reserve"], "--reserve")
-    hw = with_overrides(probe(), hw_opts["vram"], hw_opts["ram"], hw_opts["cpu"], reserve)
-    entry = load_registry().get(model)
-    length = max_length or default_max_length(shape, entry.max_length if entry else None)
-    return plan(shape, hw, length, quant, hw_opts["max_quant"], hw_opts["min_quant"])
+    return HardwareOptions(**hw_opts)
 
 
 @main.command(name="plan")
@@ -125,7 +129,9 @@ def plan_cmd(model: str, quant: str | None, max_length: int | None, as_json: boo
     """Which quant runs where on this machine: every quant's size and memory, the chosen one marked."""
     import json
 
-    p = _plan(model, quant, max_length, hw_opts)
+    from planner import plan_for
+
+    p = plan_for(model, quant, max_length, _hardware(hw_opts))
     if as_json:
         click.echo(json.dumps(p.as_json(), indent=2))
         return
@@ -197,75 +203,72 @@ def embed(
     **hw_opts,
 ) -> None:
     """Embed TEXTS (or --input) with a GGUF embedder."""
+    import itertools
     import time
 
     from tqdm import tqdm
 
-    from runner.embed import Stats, embed_texts
-    from runner.engine import open_engine
-    from runner.io import VectorSink, fingerprint, output_format, read_texts
-    from runner.model import resolve_model
+    from runner.io import VectorSink, count_lines, output_format, read_texts, run_key
+    from runner.pipeline import Stats, open_pipeline
 
-    items = list(texts) + (read_texts(input_file, field, errors) if input_file else [])
-    if not items and not input_file:
+    if not texts and not input_file:
         raise BadInput("nothing to embed; pass texts as arguments or --input FILE")
     if max_length is not None and max_length < 1:
         raise BadInput(f"--max-length {max_length}: must be at least 1")
     if chunk_size < 1:
         raise BadInput(f"--chunk-size {chunk_size}: must be at least 1")
+    if input_file and input_file != "-" and not Path(input_file).is_file():
+        raise BadInput(f"{input_file}: no such input file")
     fmt = output_format(output, fmt)
-    gpu_layers, split, plan_note = 0, None, ""
-    if auto_quant:
-        p = _plan(model, quant, max_length, hw_opts)
+    # Read lazily: the texts stream through the pipeline a chunk at a time, whatever the input's size.
+    items = itertools.chain(texts, read_texts(input_file, field, errors) if input_file else ())
+
+    def show_plan(p) -> None:
         if not quiet:
             click.echo(p.summary(), err=True)
-        gpu_layers, split = p.chosen.n_gpu_layers, p.tensor_split
-        quant = None if Path(model).is_file() else p.chosen.quant
-        plan_note = f", {p.chosen.quant} on {p.device}"
-    resolved = resolve_model(model, quant)
-    options = dict(query=query, task=task, normalize=normalize, max_length=max_length, fmt=fmt, dtype=dtype)
-    sink = VectorSink(output, fmt, dtype, fingerprint(items, resolved.path, options | {"chunk": chunk_size}), resume)
-    # With a plan, claim the planned context up front so a lack of memory shows (and is retried) now.
-    reserve_tokens = p.settings.max_length if auto_quant else 0
-    stats, started = Stats(), time.perf_counter()
-    n_chunks = -(-len(items) // chunk_size)
-    bar = tqdm(total=len(items), unit="text", file=sys.stderr, delay=1.0, disable=quiet or not sys.stderr.isatty())
-    with open_engine(resolved.path, threads, gpu_layers, split, reserve_tokens) as engine, bar:
-        dims = engine.n_embd
-        for c in range(n_chunks):
-            chunk = items[c * chunk_size : (c + 1) * chunk_size]
-            if not sink.done(c):
-                vectors = embed_texts(
-                    engine,
-                    chunk,
-                    resolved.prompts,
-                    query=query,
-                    task=task,
-                    max_length=max_length or resolved.max_length,
-                    normalize=normalize,
-                    truncate=not no_truncate,
-                    stats=stats,
-                    first_index=c * chunk_size,
-                )
-                sink.write(c, vectors)
-            bar.update(len(chunk))
-            bar.set_postfix_str(f"{stats.tokens / (time.perf_counter() - started):.0f} tokens/s", refresh=False)
-    sink.finish(n_chunks, dims)
+
+    pipeline = open_pipeline(
+        model, quant, auto_quant=auto_quant, max_length=max_length, threads=threads,
+        hardware=_hardware(hw_opts), on_plan=show_plan,
+    )  # fmt: skip
+    options = dict(query=query, task=task, normalize=normalize, max_length=pipeline.max_length, fmt=fmt, dtype=dtype)
+    with pipeline:
+        key = run_key(pipeline.model.path, options | {"chunk": chunk_size})
+        sink = VectorSink(output, fmt, dtype, key, resume)
+        stats, started = Stats(), time.perf_counter()
+        total = None if input_file == "-" else len(texts) + ((count_lines(input_file) or 0) if input_file else 0)
+        show = not quiet and sys.stderr.isatty()
+        with tqdm(total=total, unit="text", file=sys.stderr, delay=1.0, disable=not show) as bar:
+            chunks = pipeline.stream(
+                items, chunk_size, run_key=key, skip=sink.done, stats=stats,
+                query=query, task=task, normalize=normalize, truncate=not no_truncate,
+            )  # fmt: skip
+            try:
+                for chunk in chunks:
+                    if chunk.vectors is not None:
+                        sink.write(chunk.index, chunk.digest, chunk.vectors, chunk.first)
+                    bar.update(chunk.count)
+                    rate = stats.tokens / (time.perf_counter() - started)
+                    bar.set_postfix_str(f"{rate:.0f} tokens/s", refresh=False)
+            except BaseException:
+                sink.abandon()
+                raise
+        sink.finish(pipeline.dims)
     seconds = time.perf_counter() - started
     if stats.truncated:
-        limit = max_length or resolved.max_length
         click.echo(
-            f"warning: truncated {stats.truncated} input(s) to {limit} tokens (--no-truncate to refuse)", err=True
+            f"warning: truncated {stats.truncated} input(s) to {pipeline.max_length} tokens (--no-truncate to refuse)",
+            err=True,
         )
-    if not items:
+    if stats.texts + stats.skipped == 0:
         click.echo(f"note: {input_file} holds no texts; wrote an empty output", err=True)
     if not quiet:
-        skipped = len(items) - stats.texts
-        resumed = f" ({skipped} from the interrupted run)" if skipped else ""
+        resumed = f" ({stats.skipped} from the interrupted run)" if stats.skipped else ""
         where = f" -> {output}" if output else ""
+        plan_note = f", {pipeline.plan.chosen.quant} on {pipeline.plan.device}" if pipeline.plan else ""
         click.echo(
             f"embedded {stats.texts} texts{resumed}, {stats.tokens} tokens in {seconds:.1f} s "
-            f"({stats.tokens / max(seconds, 1e-9):.0f} tokens/s; {resolved.path.name}{plan_note}){where}",
+            f"({stats.tokens / max(seconds, 1e-9):.0f} tokens/s; {pipeline.model.path.name}{plan_note}){where}",
             err=True,
         )
 

@@ -2,27 +2,26 @@
 
 Non-causal models attend over the whole micro-batch, so every sequence must fit inside one
 micro-batch (llama.cpp aborts the process otherwise); the context is sized from the longest
-sequence it will be sent, and grown before a longer one is decoded.
+sequence it will be sent (planner.batching), and grown before a longer one is decoded.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
-import sys
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
 import psutil
 
+from planner.batching import MIN_TOKEN_BUDGET, max_seqs, pack, token_budget
 from quantize import gguf_keys, llamacpp
-from quantize.errors import BadInput, CorruptModelFile, EngineError
+from quantize.errors import BadInput, CorruptModelFile, EngineError, OutOfMemory
 from runner.latent_attention import LatentAttentionHead
 
-MAX_SEQS_PER_DECODE = 256  # llama.cpp's LLAMA_MAX_SEQ
-DEFAULT_TOKEN_BUDGET = 512  # tokens per decode; grown to the longest sequence when needed
-KV_PAD = 256
+log = logging.getLogger("runner")
 
 
 def physical_cores() -> int:
@@ -50,22 +49,29 @@ class Engine:
             params.tensor_split = self._split
         if llamacpp.has_amx_kernels():
             # ggml's AMX matmul crashed here on quantized models; keep the other CPU kernels.
-            print(
-                "warning: this llama-cpp-python build has AMX kernels, which crash on quantized models; "
-                "extra CPU buffer types are off (slower). Reinstall with scripts/install for full speed.",
-                file=sys.stderr,
+            log.warning(
+                "this llama-cpp-python build has AMX kernels, which crash on quantized models; "
+                "extra CPU buffer types are off (slower). Reinstall with scripts/install for full speed."
             )
             params.use_extra_bufts = False
-        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
-        if not self._model:
-            raise CorruptModelFile(f"{self.path}: llama.cpp could not load this GGUF ({llamacpp.last_error()})")
-        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
-        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
         self._ctx = None
         self._budget = 0
-        self._hf_tokenizer = self._load_hf_tokenizer()
-        self._head = self._load_head()
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._model:
+            why = llamacpp.last_error()
+            if n_gpu_layers > 0:  # the file was readable (resolved before); most likely the GPU is full
+                raise OutOfMemory(f"{self.path}: llama.cpp could not load it with {n_gpu_layers} GPU layers ({why})")
+            raise CorruptModelFile(f"{self.path}: llama.cpp could not load this GGUF ({why})")
+        try:
+            self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+            self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+            self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
+            self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+            self._hf_tokenizer = self._load_hf_tokenizer()
+            self._head = self._load_head()
+        except BaseException:
+            self.close()  # a bad head or tokenizer must not leak the loaded weights
+            raise
 
     def meta(self, key: str) -> str | None:
         size = 4096
@@ -125,55 +131,43 @@ class Engine:
         return bool(llama_cpp.llama_vocab_get_add_eos(self._vocab) or llama_cpp.llama_vocab_get_add_sep(self._vocab))
 
     # --- embedding ----------------------------------------------------------------------------
-    def embed_tokens(
-        self, seqs: list[np.ndarray], token_budget: int = DEFAULT_TOKEN_BUDGET, skips: list[int] | None = None
-    ) -> np.ndarray:
+    def embed_tokens(self, seqs: list[np.ndarray], skips: list[int] | None = None, first_index: int = 0) -> np.ndarray:
         """Pooled vectors (float32, not normalised) for each token sequence, in input order.
 
         SKIPS: for latent-attention pooling, how many leading positions of each sequence leave the mean.
+        Errors name inputs from FIRST_INDEX + 1 (the caller's numbering).
         """
         out = np.empty((len(seqs), self.n_embd), dtype=np.float32)
         if not seqs:
             return out
-        lengths = np.array([len(s) for s in seqs])
-        if lengths.min() == 0:
-            raise BadInput(f"input {int(lengths.argmin()) + 1}: no tokens to embed")
-        self._ensure_context(max(token_budget, int(lengths.max())))
-        order = np.argsort(-lengths, kind="stable")  # longest first: the first batch fails fast
-        batch: list[int] = []
-        used = 0
-        for i in order:
-            if batch and (used + lengths[i] > self._budget or len(batch) == self._max_seqs):
-                self._decode(seqs, batch, out, skips)
-                batch, used = [], 0
-            batch.append(int(i))
-            used += int(lengths[i])
-        self._decode(seqs, batch, out, skips)
+        lengths = [len(s) for s in seqs]
+        if min(lengths) == 0:
+            raise BadInput(f"input {first_index + lengths.index(0) + 1}: no tokens to embed")
+        self._ensure_context(max(lengths))
+        for batch in pack(lengths, self._budget, self._max_seqs):
+            self._decode(seqs, batch, out, skips, first_index)
         return out
 
     def reserve(self, tokens: int) -> None:
         """Create the context for sequences up to TOKENS long now, so a lack of memory shows at once."""
-        self._ensure_context(max(DEFAULT_TOKEN_BUDGET, tokens))
+        self._ensure_context(tokens)
 
     def _ensure_context(self, tokens: int) -> None:
-        """A context whose token budget holds TOKENS, rounded up to a whole multiple of 256."""
-        # llama.cpp pads the KV cache to 256 cells; a micro-batch of another size failed its
-        # mul_mat shape assertion (the process aborts), so budgets are whole multiples of 256.
-        budget = -(-tokens // KV_PAD) * KV_PAD
+        """A context whose token budget holds sequences of TOKENS (planner.batching.token_budget)."""
+        budget = token_budget(tokens)
         if self._ctx is not None and budget <= self._budget:
             return
         self._free_context()
         params = llama_cpp.llama_context_default_params()
         params.embeddings = True
         params.n_ctx = params.n_batch = params.n_ubatch = budget
-        # No more sequences than tokens: llama.cpp asserts n_seq_max <= n_batch when reserving outputs.
-        self._max_seqs = params.n_seq_max = min(MAX_SEQS_PER_DECODE, budget)
+        self._max_seqs = params.n_seq_max = max_seqs(budget)
         # Some graphs (llama-embed) keep a KV cache; one cache shared by all sequences, cleared per decode.
         params.kv_unified = True
         params.n_threads = params.n_threads_batch = self.n_threads
         self._ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not self._ctx:
-            raise EngineError(
+            raise OutOfMemory(
                 f"{self.path}: llama.cpp could not create a context of {budget} tokens "
                 f"({llamacpp.last_error()}); lower --max-length"
             )
@@ -197,7 +191,9 @@ class Engine:
             logits=self._outs.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
         )
 
-    def _decode(self, seqs: list[np.ndarray], batch: list[int], out: np.ndarray, skips: list[int] | None) -> None:
+    def _decode(
+        self, seqs: list[np.ndarray], batch: list[int], out: np.ndarray, skips: list[int] | None, first_index: int
+    ) -> None:
         n = 0
         for s, i in enumerate(batch):
             k = len(seqs[i])
@@ -216,7 +212,7 @@ class Engine:
             states = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings(self._ctx), shape=(n, self.n_embd))
             lengths = [len(seqs[i]) for i in batch]
             skipped = [skips[i] if skips else 0 for i in batch]
-            out[batch] = self._head.pool(states, lengths, skipped, where=[i + 1 for i in batch])
+            out[batch] = self._head.pool(states, lengths, skipped, where=[first_index + i + 1 for i in batch])
             return
         for s, i in enumerate(batch):
             ptr = llama_cpp.llama_get_embeddings_seq(self._ctx, s)
@@ -231,7 +227,7 @@ class Engine:
 
     def close(self) -> None:
         self._free_context()
-        if self._model:
+        if getattr(self, "_model", None):
             llama_cpp.llama_model_free(self._model)
             self._model = None
 
@@ -247,25 +243,28 @@ def open_engine(
     n_threads: int | None = None,
     n_gpu_layers: int = 0,
     tensor_split: list[float] | None = None,
-    reserve_tokens: int = DEFAULT_TOKEN_BUDGET,
+    reserve_tokens: int = MIN_TOKEN_BUDGET,
 ) -> Engine:
-    """An Engine with N_GPU_LAYERS offloaded; when loading fails (lack of GPU memory), retry with half as
-    many layers, down to the CPU, saying so on stderr."""
+    """An Engine with N_GPU_LAYERS offloaded and a context for RESERVE_TOKENS made up front.
+
+    When llama.cpp cannot allocate the model or the context (OutOfMemory), retry with half as many GPU
+    layers, down to the CPU, saying so; any other failure (a corrupt file or head) is raised at once.
+    """
     while True:
+        engine = None
         try:
             engine = Engine(path, n_threads, n_gpu_layers, tensor_split)
-            try:
-                engine.reserve(reserve_tokens)
-            except EngineError:
-                engine.close()
-                raise
+            engine.reserve(reserve_tokens)
             return engine
-        except (CorruptModelFile, EngineError) as e:
+        except OutOfMemory as e:
+            if engine is not None:
+                engine.close()
             if n_gpu_layers <= 0:
                 raise
             fewer = n_gpu_layers // 2
-            print(
-                f"warning: {e}; retrying with {fewer} GPU layers" + (" (CPU only)" if not fewer else ""),
-                file=sys.stderr,
-            )
+            log.warning("%s; retrying with %d GPU layers%s", e, fewer, " (CPU only)" if not fewer else "")
             n_gpu_layers = fewer
+        except BaseException:
+            if engine is not None:
+                engine.close()
+            raise

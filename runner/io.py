@@ -1,8 +1,9 @@
 """Reading texts (.txt, .jsonl, stdin) and writing vectors (.npy, .jsonl, .parquet), atomically.
 
-Large runs stream: vectors go to `<output>.parts/` one chunk at a time (each part written atomically),
-and the output file is assembled from the parts when the last one is done. `--resume` reuses the parts
-of an interrupted run with the same inputs, model and options (a fingerprint in parts/run.json).
+Large runs stream: texts are read lazily, vectors go to `<output>.parts/` one chunk at a time (each
+part written atomically), and the output file is assembled from the parts when the last one is done.
+`--resume` reuses the parts of an interrupted run with the same model and options (the run key in
+parts/run.json) and the same texts (each part's name carries the digest of every text up to its end).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import json
 import shutil
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,31 +24,45 @@ FORMATS = ("npy", "jsonl", "parquet")
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def read_texts(path: str, field: str = "text", errors: str = "strict") -> list[str]:
+def read_texts(path: str, field: str = "text", errors: str = "strict") -> Iterator[str]:
     """One text per line of a .txt file; in a .jsonl file, each line a JSON string or an object with FIELD.
 
-    `-` reads plain lines from stdin. ERRORS="replace" puts U+FFFD for bytes that are not UTF-8 instead
-    of stopping with the line number.
+    Read lazily, line by line, so any input size runs in flat memory. `-` reads plain lines from stdin.
+    ERRORS="replace" puts U+FFFD for bytes that are not UTF-8 instead of stopping with the line number.
     """
     if path == "-":
-        raw = sys.stdin.buffer.read()
-        name, jsonl = "<stdin>", False
-    else:
-        p = Path(path)
-        if not p.is_file():
-            raise BadInput(f"{path}: no such input file")
-        raw = p.read_bytes()
-        name, jsonl = path, p.suffix.lower() == ".jsonl"
-    texts = []
-    for n, line in enumerate(raw.splitlines(), 1):
+        yield from _parse_lines(sys.stdin.buffer, "<stdin>", False, field, errors)
+        return
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"{path}: no such input file")
+    with open(p, "rb") as f:
+        yield from _parse_lines(f, path, p.suffix.lower() == ".jsonl", field, errors)
+
+
+def count_lines(path: str) -> int | None:
+    """Lines in PATH (for a progress bar's total), read in blocks; None for stdin or a missing file."""
+    p = Path(path)
+    if path == "-" or not p.is_file():
+        return None
+    n, last = 0, b"\n"
+    with open(p, "rb") as f:
+        while block := f.read(1 << 24):
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (last != b"\n")
+
+
+def _parse_lines(lines: Iterable[bytes], name: str, jsonl: bool, field: str, errors: str) -> Iterator[str]:
+    for n, line in enumerate(lines, 1):
         try:
-            text = line.decode("utf-8", errors)
+            text = line.decode("utf-8", errors).rstrip("\r\n")
         except UnicodeDecodeError as e:
             raise BadInput(
                 f"{name}:{n}: not valid UTF-8 ({e.reason} at byte {e.start}); fix the file or pass --errors replace"
             ) from None
         if not jsonl:
-            texts.append(text)
+            yield text
             continue
         if not text.strip():
             continue
@@ -55,12 +71,11 @@ def read_texts(path: str, field: str = "text", errors: str = "strict") -> list[s
         except json.JSONDecodeError as e:
             raise BadInput(f"{name}:{n}: not valid JSON ({e.msg})") from None
         if isinstance(obj, str):
-            texts.append(obj)
+            yield obj
             continue
         if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
             raise BadInput(f"{name}:{n}: no string field {field!r}; choose the field with --field")
-        texts.append(obj[field])
-    return texts
+        yield obj[field]
 
 
 def output_format(path: str | None, fmt: str | None) -> str:
@@ -76,7 +91,7 @@ def output_format(path: str | None, fmt: str | None) -> str:
 class VectorSink:
     """Where a run's vectors go: stdout (JSON lines as they come) or OUTPUT, assembled from chunk parts."""
 
-    def __init__(self, path: str | None, fmt: str, dtype: str, fingerprint: str, resume: bool) -> None:
+    def __init__(self, path: str | None, fmt: str, dtype: str, run_key: str, resume: bool) -> None:
         if fmt == "parquet":
             _pyarrow()
         if path is None and fmt != "jsonl":
@@ -84,44 +99,62 @@ class VectorSink:
         self.path = Path(path) if path else None
         self.fmt, self.dtype = fmt, DTYPES[dtype]
         self.parts = self.path.with_name(self.path.name + ".parts") if self.path else None
+        self.written: list[Path] = []
         self.printed = 0
         if self.parts is None:
             return
         run = self.parts / "run.json"
         if resume and run.is_file():
-            if json.loads(run.read_text()).get("fingerprint") != fingerprint:
+            if json.loads(run.read_text()).get("run") != run_key:
                 raise BadInput(
-                    f"{self.parts}: left by a run with other inputs, model or options; "
-                    "delete it or run without --resume"
+                    f"{self.parts}: left by a run with another model or options; delete it or run without --resume"
                 )
             return
         shutil.rmtree(self.parts, ignore_errors=True)
         self.parts.mkdir(parents=True)
-        write_text_atomic(run, json.dumps({"fingerprint": fingerprint}) + "\n")
+        write_text_atomic(run, json.dumps({"run": run_key}) + "\n")
 
-    def done(self, chunk: int) -> bool:
-        return self.parts is not None and self._part(chunk).is_file()
-
-    def _part(self, chunk: int) -> Path:
-        assert self.parts is not None
-        return self.parts / f"{chunk:06d}.npy"
-
-    def write(self, chunk: int, vectors: np.ndarray) -> None:
+    def done(self, chunk: int, digest: str) -> bool:
+        """Whether an interrupted run left CHUNK for the same texts (DIGEST); a part for other texts is an error."""
         if self.parts is None:
-            for v in vectors:
-                sys.stdout.write(json.dumps({"id": self.printed, "embedding": v.tolist()}) + "\n")
-                self.printed += 1
+            return False
+        found = sorted(self.parts.glob(f"{chunk:06d}-*.npy"))
+        if not found:
+            return False
+        if found[0] != self._part(chunk, digest):
+            raise BadInput(
+                f"{self.parts}: left by a run with other inputs (they differ by text {chunk} of the chunks); "
+                "delete it or run without --resume"
+            )
+        self.written.append(found[0])
+        return True
+
+    def _part(self, chunk: int, digest: str) -> Path:
+        assert self.parts is not None
+        return self.parts / f"{chunk:06d}-{digest[:16]}.npy"
+
+    def write(self, chunk: int, digest: str, vectors: np.ndarray, first: int) -> None:
+        if self.parts is None:
+            for i, v in enumerate(vectors, first):
+                sys.stdout.write(json.dumps({"id": i, "embedding": v.astype(np.float32).tolist()}) + "\n")
             sys.stdout.flush()
             return
-        with atomic_path(self._part(chunk)) as tmp:
+        part = self._part(chunk, digest)
+        with atomic_path(part) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, vectors.astype(self.dtype))
+        self.written.append(part)
 
-    def finish(self, n_chunks: int, dims: int) -> None:
-        """Assemble OUTPUT from the parts (atomically), then remove them."""
+    def abandon(self) -> None:
+        """After a failed run: drop the parts folder if this run left no vectors in it (nothing to resume)."""
+        if self.parts is not None and not any(self.parts.glob("*.npy")):
+            shutil.rmtree(self.parts, ignore_errors=True)
+
+    def finish(self, dims: int) -> None:
+        """Assemble OUTPUT from this run's parts, in order (atomically), then remove them."""
         if self.path is None or self.parts is None:
             return
-        parts = [np.load(self._part(c), mmap_mode="r") for c in range(n_chunks)]
+        parts = [np.load(p, mmap_mode="r") for p in self.written]
         n = sum(len(p) for p in parts)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.path) as tmp:
@@ -176,11 +209,8 @@ def _write_parquet(path: Path, parts: list[np.ndarray], dims: int) -> None:
     writer.close()
 
 
-def fingerprint(texts: list[str], model: Path, options: dict) -> str:
-    """What a resumed run must share with the interrupted one: the texts, the model file, the options."""
+def run_key(model: Path, options: dict) -> str:
+    """What a resumed run must share with the interrupted one besides its texts: the model file and options."""
     h = hashlib.sha256()
     h.update(json.dumps({"model": str(model.resolve()), "size": model.stat().st_size, **options}).encode())
-    for t in texts:
-        h.update(t.encode("utf-8", "surrogatepass"))
-        h.update(b"\0")
     return h.hexdigest()

@@ -9,11 +9,10 @@ from quantize import gguf_keys
 from quantize.convert import convert
 from quantize.errors import BadInput, ModelNotFound
 from quantize.files import models_home
-from quantize.ladder import LADDER, quantize, read_metadata
+from quantize.ladder import quantize
+from quantize.manifest import read_metadata
+from quantize.quants import LADDER, PREFERENCE, UNQUANTIZED
 from quantize.registry import ModelEntry, load_registry
-
-# Highest fidelity first: what `-m DIR` picks when no --quant is given.
-PREFERENCE = ["F32", "F16", "BF16", *LADDER]
 
 
 @dataclass(frozen=True)
@@ -21,6 +20,11 @@ class Prompts:
     query: str
     document: str
     default_task: str | None
+
+    @staticmethod
+    def plain() -> Prompts:
+        """No template: what a GGUF without prompt metadata gets."""
+        return Prompts("{text}", "{text}", None)
 
     def apply(self, text: str, query: bool, task: str | None, where: str) -> str:
         if not query:
@@ -33,7 +37,7 @@ class Prompts:
         return self.query.format(text=text)
 
     def instruction(self, query: bool, task: str | None, where: str) -> str:
-        """The text the template puts before the input (NV-Embed's `instruction`), e.g. 'Instruct: ...\nQuery: '."""
+        """The text the template puts before the input (NV-Embed's `instruction`), e.g. 'Instruct: ...\\nQuery: '."""
         template = self.query if query else self.document
         if not template.endswith("{text}"):
             raise BadInput(f"{where}: prompt {template!r} must end with {{text}} for a model that pools past it")
@@ -46,10 +50,20 @@ class ResolvedModel:
     prompts: Prompts
     max_length: int | None
     license_note: str | None
+    name: str  # the registry name, else the file's stem
+
+    @staticmethod
+    def of_file(path: Path, prompts: Prompts | None = None) -> ResolvedModel:
+        """A GGUF taken as it is, with PROMPTS (default: none) and no registry entry (benches, tests)."""
+        return ResolvedModel(Path(path), prompts or Prompts.plain(), None, None, Path(path).stem)
 
 
 def resolve_model(model: str, quant: str | None = None) -> ResolvedModel:
-    """MODEL is a .gguf file, a directory of GGUFs or an HF checkpoint, or a models.toml name."""
+    """MODEL is a .gguf file, a directory of GGUFs or an HF checkpoint, or a models.toml name.
+
+    An HF checkpoint is converted once and reused while its files are unchanged; a missing quant is made
+    from the F16 file.
+    """
     path = Path(model).expanduser()
     entry: ModelEntry | None = None
     if path.is_file():
@@ -75,7 +89,8 @@ def resolve_model(model: str, quant: str | None = None) -> ResolvedModel:
     )
     max_length = meta.get(gguf_keys.MAX_LENGTH) or (entry.max_length if entry else None)
     note = meta.get(gguf_keys.LICENSE_NOTE) or (entry.license_note if entry else None)
-    return ResolvedModel(gguf_path, prompts, int(max_length) if max_length else None, note)
+    name = entry.name if entry else gguf_path.stem
+    return ResolvedModel(gguf_path, prompts, int(max_length) if max_length else None, note, name)
 
 
 def on_disk(directory: Path) -> dict[str, Path]:
@@ -89,20 +104,26 @@ def on_disk(directory: Path) -> dict[str, Path]:
 
 
 def _pick(directory: Path, quant: str | None) -> Path:
+    """QUANT's file in DIRECTORY (default: the highest fidelity there), made from the F16 when missing or
+    when it was made from an older conversion than the F16 beside it."""
     files = on_disk(directory)
     if not files:
         raise ModelNotFound(f"{directory}: no <name>-<QUANT>.gguf files here; run `runner convert` first")
     if quant is None:
         return files[min(files, key=PREFERENCE.index)]
     quant = quant.upper()
-    if quant in files:
+    base = next((files[q] for q in UNQUANTIZED if q in files), None)
+    if quant in files and (base is None or quant in UNQUANTIZED or _stamp(files[quant]) == _stamp(base)):
         return files[quant]
-    base = next((files[q] for q in ("F16", "F32", "BF16") if q in files), None)
     if base is None or quant not in LADDER:
         raise ModelNotFound(f"{directory}: no {quant} file and nothing to make it from; have {', '.join(files)}")
     return quantize(base, [quant])[0]
 
 
+def _stamp(path: Path) -> object:
+    return read_metadata(path).get(gguf_keys.SOURCE_STAMP)
+
+
 def _from_checkpoint(source: str, quant: str | None) -> Path:
-    f16 = convert(source)
-    return _pick(f16.parent, quant)
+    f16 = convert(source)  # reused when this source was converted before and has not changed
+    return _pick(f16.parent, quant or "F16")

@@ -64,9 +64,9 @@ def test_resume_refuses_parts_of_another_run(minilm, tmp_path) -> None:
     out = tmp_path / "v.npy"
     parts = Path(str(out) + ".parts")
     parts.mkdir()
-    (parts / "run.json").write_text('{"fingerprint": "another"}\n')
+    (parts / "run.json").write_text('{"run": "another"}\n')
     proc = run_cli("embed", "-m", str(minilm), "hello", "-o", str(out), "--resume", check=False)
-    assert proc.returncode == 1 and "other inputs, model or options" in proc.stderr
+    assert proc.returncode == 1 and "another model or options" in proc.stderr
 
 
 def test_empty_input_file_gives_empty_output(minilm, tmp_path) -> None:
@@ -79,12 +79,14 @@ def test_one_megabyte_line(minilm, tmp_path) -> None:
     (tmp_path / "big.txt").write_text("word " * 200_000 + "\nshort\n")
     proc = run_cli("embed", "-m", str(minilm), "--input", str(tmp_path / "big.txt"), "-o", str(tmp_path / "v.npy"))
     assert "truncated 1 input(s) to 256 tokens" in proc.stderr and np.load(tmp_path / "v.npy").shape == (2, 384)
+    out = tmp_path / "refused.npy"
     refused = run_cli(
-        "embed", "-m", str(minilm), "--input", str(tmp_path / "big.txt"), "--no-truncate", "-o", "x.npy", check=False
+        "embed", "-m", str(minilm), "--input", str(tmp_path / "big.txt"), "--no-truncate", "-o", str(out), check=False
     )
     assert (
         refused.returncode == 1 and refused.stderr.startswith("error: input 1: ") and "tokens, over" in refused.stderr
     )
+    assert not out.exists() and not Path(str(out) + ".parts").exists()  # nothing left for a later run to trust
 
 
 def test_invalid_utf8_names_the_line(minilm, tmp_path) -> None:

@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 
 from quantize import gguf_keys
-from quantize.ladder import read_metadata
+from quantize.manifest import read_metadata
 from tests.conftest import embed_file, run_cli, texts
 from tests.reference import cosines, hf_tokenizer, reference_embed
 

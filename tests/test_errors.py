@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_cli
 
 
@@ -85,14 +87,12 @@ def test_debug_shows_traceback(tmp_path) -> None:
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
-def test_nothing_half_written_on_failure(tmp_path, monkeypatch) -> None:
+def test_nothing_half_written_on_failure(tmp_path) -> None:
     from quantize.files import atomic_path
 
     target = tmp_path / "model.gguf"
-    try:
+    with pytest.raises(RuntimeError, match="crash mid-write"):
         with atomic_path(target) as tmp:
             Path(tmp).write_bytes(b"partial")
             raise RuntimeError("crash mid-write")
-    except RuntimeError:
-        pass
     assert list(tmp_path.iterdir()) == []

@@ -70,13 +70,12 @@ def test_reference_check_has_teeth(tiny, tmp_path, monkeypatch) -> None:
     """Without the rope permutation of Q/K the same check fails: these bounds catch real conversion bugs."""
     from quantize.architectures.llama import Llama
     from quantize.convert import convert
-    from runner.embed import embed_texts
     from runner.engine import Engine
-    from runner.model import Prompts
+    from runner.pipeline import Pipeline
 
     model = tiny("nemotron")
     monkeypatch.setattr(Llama, "transform", lambda self, name, data: data)
     with Engine(convert(str(model.hf_dir), tmp_path, "f32")) as engine:
-        got = embed_texts(engine, texts("embedding_texts.jsonl"), Prompts("{text}", "{text}", None))
+        got = Pipeline(engine).embed(texts("embedding_texts.jsonl"))
     cos = cosines(got, model.reference)
     assert cos.mean() < 0.9999 and cos.min() < 0.999, (cos.mean(), cos.min())

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from runner.hardware import Gpu, Hardware, parse_nvidia_smi, parse_size, with_overrides
-from runner.memory import Settings, compute_bytes, kv_per_layer, needs, output_bytes
-from runner.plan import plan
-from runner.shapes import resolve_shape
+from planner.hardware import Gpu, Hardware, parse_nvidia_smi, parse_size, with_overrides
+from planner.memory import Settings, compute_bytes, kv_per_layer, needs, output_bytes
+from planner.policy import plan
+from planner.shapes import resolve_shape
 from tests.conftest import run_cli
 
 GIB = 2**30
@@ -107,7 +107,7 @@ def test_nvml_without_driver_falls_back(monkeypatch) -> None:
     """NVML importable but no driver: the probe says so and finds no GPU (no nvidia-smi here either)."""
     import types
 
-    from runner import hardware
+    from planner import hardware
 
     class NVMLError(Exception):
         pass
@@ -126,9 +126,9 @@ def test_nvml_without_driver_falls_back(monkeypatch) -> None:
 def test_buffers_match_llama_cpp(tiny, max_length) -> None:
     """KV cache and compute buffer as llama.cpp reports them when the context is made (the output buffer
     grows at decode time, past what it reports here: test_peak_rss_within_15_percent covers it)."""
+    from planner.shapes import from_gguf
     from quantize import llamacpp
     from runner.engine import Engine
-    from runner.shapes import from_gguf
 
     path = tiny("nemotron").gguf("f16")
     shape, s = from_gguf(path), Settings(max_length)
@@ -159,7 +159,7 @@ def q8_models(tiny, tokenizer_dir, tmp_path_factory):
 @pytest.mark.parametrize("max_length", [512, 2048])
 def test_peak_rss_within_15_percent(q8_models, tmp_path, model, max_length) -> None:
     """`runner embed --auto-quant --cpu` on a Q8_0 model: predicted RAM vs the process's peak RSS."""
-    from runner.shapes import from_gguf
+    from planner.shapes import from_gguf
 
     q8 = q8_models[model]
     texts = tmp_path / "texts.txt"

@@ -33,9 +33,9 @@ def test_smollm2_quant_sizes_predicted(smollm2, tmp_path) -> None:
     """
     import json
 
-    from quantize.ladder import LADDER
+    from planner.shapes import from_config, from_gguf
+    from quantize.quants import LADDER
     from quantize.sizes import file_bytes, read_tensors
-    from runner.shapes import from_config, from_gguf
 
     hf_dir, _ = smollm2
     f16 = run_cli("convert", str(hf_dir), "--outdir", str(tmp_path), "--as-embedder").stdout.strip()

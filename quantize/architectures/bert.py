@@ -2,47 +2,96 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from dataclasses import dataclass
 
 import gguf
-import numpy as np
 
-from quantize.architectures import add_trunk_shape, map_tensor, register
+from quantize.architectures import F16, F32, Family, Trunk, map_tensor, register, require
 from quantize.errors import UnsupportedArchitecture
+from quantize.sizes import TensorSpec
 
 # Checkpoint tensors with no role in embedding: the NSP/MLM heads and the pooler.
 _UNUSED = ("embeddings.position_ids", "pooler.", "cls.")
 
 
-@register("BertModel")
-class Bert:
-    gguf_arch = gguf.MODEL_ARCH.BERT
-    keep_f32 = ("position_embd.weight", "token_types.weight")
+@dataclass(frozen=True)
+class BertArgs:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+    layer_norm_eps: float = 1e-12
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
 
-    def __init__(self, config: dict, where: str) -> None:
-        try:
-            self.hidden = config["hidden_size"]
-            self.n_layers = config["num_hidden_layers"]
-            self.n_head = config["num_attention_heads"]
-            self.ffn = config["intermediate_size"]
-            self.vocab_size = config["vocab_size"]
-        except KeyError as e:
-            raise UnsupportedArchitecture(f"{where}: config.json lacks {e.args[0]!r}") from None
-        self.eps = config.get("layer_norm_eps", 1e-12)
-        self.context = config.get("max_position_embeddings", 512)
-        self.type_vocab_size = config.get("type_vocab_size", 2)
+    @classmethod
+    def from_config(cls, config: dict, where: str) -> BertArgs:
         if config.get("position_embedding_type", "absolute") != "absolute":
             raise UnsupportedArchitecture(f"{where}: only absolute position embeddings are supported for BERT")
         if config.get("hidden_act", "gelu") != "gelu":
             raise UnsupportedArchitecture(f"{where}: hidden_act {config['hidden_act']!r}; llama.cpp's bert needs gelu")
-        self.tensor_map = gguf.get_tensor_name_map(self.gguf_arch, self.n_layers)
+        return cls(
+            hidden_size=require(config, "hidden_size", where),
+            num_hidden_layers=require(config, "num_hidden_layers", where),
+            num_attention_heads=require(config, "num_attention_heads", where),
+            intermediate_size=require(config, "intermediate_size", where),
+            vocab_size=require(config, "vocab_size", where),
+            layer_norm_eps=config.get("layer_norm_eps", 1e-12),
+            max_position_embeddings=config.get("max_position_embeddings", 512),
+            type_vocab_size=config.get("type_vocab_size", 2),
+        )
+
+
+@register("BertModel")
+class Bert(Family):
+    gguf_arch = gguf.MODEL_ARCH.BERT
+    keep_f32 = ("position_embd.weight", "token_types.weight")
+    header_bytes_per_token = 36  # WordPiece vocab plus the HF tokenizer.json we carry (measured for MiniLM)
+
+    def __init__(self, config: dict, where: str) -> None:
+        super().__init__(config, where)
+        self.args = BertArgs.from_config(config, where)
+        self.tensor_map = gguf.get_tensor_name_map(self.gguf_arch, self.args.num_hidden_layers)
+
+    @property
+    def trunk(self) -> Trunk:
+        a = self.args
+        return Trunk(
+            layers=a.num_hidden_layers,
+            hidden=a.hidden_size,
+            ffn=a.intermediate_size,
+            heads=a.num_attention_heads,
+            kv_heads=a.num_attention_heads,
+            vocab=a.vocab_size,
+            context=a.max_position_embeddings,
+        )
+
+    def tensor_specs(self) -> tuple[TensorSpec, ...]:
+        a, hidden, ffn = self.args, self.args.hidden_size, self.args.intermediate_size
+        specs = [
+            TensorSpec("token_embd.weight", (a.vocab_size, hidden), F16),
+            TensorSpec("position_embd.weight", (a.max_position_embeddings, hidden), F32),
+            TensorSpec("token_types.weight", (a.type_vocab_size, hidden), F32),
+            TensorSpec("token_embd_norm.weight", (hidden,), F32),
+            TensorSpec("token_embd_norm.bias", (hidden,), F32),
+        ]
+        shapes = {"attn_q": (hidden, hidden), "attn_k": (hidden, hidden), "attn_v": (hidden, hidden)}
+        shapes |= {"attn_output": (hidden, hidden), "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}
+        for i in range(a.num_hidden_layers):
+            for name, shape in shapes.items():
+                specs += [
+                    TensorSpec(f"blk.{i}.{name}.weight", shape, F16),
+                    TensorSpec(f"blk.{i}.{name}.bias", shape[:1], F32),
+                ]
+            for norm in ("attn_output_norm", "layer_output_norm"):
+                specs += [TensorSpec(f"blk.{i}.{norm}.{p}", (hidden,), F32) for p in ("weight", "bias")]
+        return tuple(specs)
 
     def write_hparams(self, w: gguf.GGUFWriter) -> None:
-        add_trunk_shape(
-            w, context=self.context, hidden=self.hidden, layers=self.n_layers, ffn=self.ffn, heads=self.n_head
-        )
-        w.add_layer_norm_eps(self.eps)
-        w.add_token_type_count(self.type_vocab_size)
+        super().write_hparams(w)
+        w.add_layer_norm_eps(self.args.layer_norm_eps)
+        w.add_token_type_count(self.args.type_vocab_size)
 
     def gguf_name(self, hf_name: str) -> str | None:
         name = hf_name.removeprefix("bert.")
@@ -51,9 +100,3 @@ class Bert:
         name = name.removesuffix(".gamma") + ".weight" if name.endswith(".gamma") else name
         name = name.removesuffix(".beta") + ".bias" if name.endswith(".beta") else name
         return map_tensor(self.tensor_map, name, hf_name)
-
-    def transform(self, gguf_name: str, data: np.ndarray) -> np.ndarray:
-        return data
-
-    def extra_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        return iter(())

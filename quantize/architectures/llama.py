@@ -8,38 +8,41 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import gguf
 import numpy as np
 
-from quantize.architectures import add_trunk_shape, map_tensor, register
+from quantize.architectures import F16, F32, Family, Trunk, map_tensor, register, require
 from quantize.errors import UnsupportedArchitecture
+from quantize.sizes import TensorSpec
+
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
-@register("LlamaBidirectionalModel", "LlamaModel", "MistralModel")
-@register("LlamaForCausalLM", "MistralForCausalLM", causal_lm=True)
-class Llama:
-    gguf_arch = gguf.MODEL_ARCH.LLAMA_EMBED
-    keep_f32 = ()
+@dataclass(frozen=True)
+class LlamaArgs:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope: dict = field(default_factory=dict)  # the scaling parameters (factor, low/high_freq_factor, ...)
 
-    def __init__(self, config: dict, where: str) -> None:
-        def need(key: str):
-            if key not in config:
-                raise UnsupportedArchitecture(f"{where}: config.json lacks {key!r}")
-            return config[key]
-
-        self.hidden = need("hidden_size")
-        self.n_layers = need("num_hidden_layers")
-        self.n_head = need("num_attention_heads")
-        self.n_head_kv = config.get("num_key_value_heads") or self.n_head
-        self.ffn = need("intermediate_size")
-        self.vocab_size = need("vocab_size")
-        self.eps = config.get("rms_norm_eps", 1e-6)
-        self.context = config.get("max_position_embeddings", 4096)
-        self.head_dim = config.get("head_dim") or self.hidden // self.n_head
-        if self.head_dim * self.n_head != self.hidden:
+    @classmethod
+    def from_config(cls, config: dict, where: str) -> LlamaArgs:
+        hidden = require(config, "hidden_size", where)
+        heads = require(config, "num_attention_heads", where)
+        head_dim = config.get("head_dim") or hidden // heads
+        if head_dim * heads != hidden:
             raise UnsupportedArchitecture(
-                f"{where}: head_dim {self.head_dim} x {self.n_head} heads != hidden_size {self.hidden}; "
+                f"{where}: head_dim {head_dim} x {heads} heads != hidden_size {hidden}; "
                 "llama.cpp's llama graph needs them equal"
             )
         if config.get("hidden_act", "silu") != "silu":
@@ -49,27 +52,85 @@ class Llama:
         # transformers 4 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters.
         rope = dict(config.get("rope_parameters") or {})
         rope.update(config.get("rope_scaling") or {})
-        self.rope_theta = float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0)
-        self.rope = rope
-        self.rope_type = rope.get("rope_type") or rope.get("type") or "default"
-        if self.rope_type not in ("default", "linear", "llama3"):
+        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+        if rope_type not in ROPE_TYPES:
             raise UnsupportedArchitecture(
-                f"{where}: rope scaling {self.rope_type!r} is not supported (default, linear, llama3)"
+                f"{where}: rope scaling {rope_type!r} is not supported ({', '.join(ROPE_TYPES)})"
             )
-        self.tensor_map = gguf.get_tensor_name_map(self.gguf_arch, self.n_layers)
+        return cls(
+            hidden_size=hidden,
+            num_hidden_layers=require(config, "num_hidden_layers", where),
+            num_attention_heads=heads,
+            num_key_value_heads=config.get("num_key_value_heads") or heads,
+            intermediate_size=require(config, "intermediate_size", where),
+            vocab_size=require(config, "vocab_size", where),
+            head_dim=head_dim,
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=config.get("max_position_embeddings", 4096),
+            rope_theta=float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            rope_type=rope_type,
+            rope=rope,
+        )
+
+
+@register("LlamaBidirectionalModel", "LlamaModel", "MistralModel")
+@register("LlamaForCausalLM", "MistralForCausalLM", causal_lm=True)
+class Llama(Family):
+    gguf_arch = gguf.MODEL_ARCH.LLAMA_EMBED
+
+    def __init__(self, config: dict, where: str) -> None:
+        super().__init__(config, where)
+        self.args = LlamaArgs.from_config(config, where)
+        self.tensor_map = gguf.get_tensor_name_map(self.gguf_arch, self.args.num_hidden_layers)
+
+    @property
+    def trunk(self) -> Trunk:
+        a = self.args
+        return Trunk(
+            layers=a.num_hidden_layers,
+            hidden=a.hidden_size,
+            ffn=a.intermediate_size,
+            heads=a.num_attention_heads,
+            kv_heads=a.num_key_value_heads,
+            vocab=a.vocab_size,
+            context=a.max_position_embeddings,
+        )
+
+    def tensor_specs(self) -> tuple[TensorSpec, ...]:
+        a = self.args
+        hidden, ffn, hd = a.hidden_size, a.intermediate_size, a.head_dim
+        q_rows, kv_rows = a.num_attention_heads * hd, a.num_key_value_heads * hd
+        specs = [
+            TensorSpec("token_embd.weight", (a.vocab_size, hidden), F16),
+            TensorSpec("output_norm.weight", (hidden,), F32),
+        ]
+        specs += [TensorSpec(name, data.shape, F32) for name, data in self.extra_tensors()]
+        for i in range(a.num_hidden_layers):
+            b = f"blk.{i}."
+            specs += [
+                TensorSpec(b + "attn_norm.weight", (hidden,), F32),
+                TensorSpec(b + "attn_q.weight", (q_rows, hidden), F16),
+                TensorSpec(b + "attn_k.weight", (kv_rows, hidden), F16),
+                TensorSpec(b + "attn_v.weight", (kv_rows, hidden), F16),
+                TensorSpec(b + "attn_output.weight", (hidden, q_rows), F16),
+                TensorSpec(b + "ffn_norm.weight", (hidden,), F32),
+                TensorSpec(b + "ffn_gate.weight", (ffn, hidden), F16),
+                TensorSpec(b + "ffn_up.weight", (ffn, hidden), F16),
+                TensorSpec(b + "ffn_down.weight", (hidden, ffn), F16),
+            ]
+        return tuple(specs)
 
     def write_hparams(self, w: gguf.GGUFWriter) -> None:
-        add_trunk_shape(
-            w, context=self.context, hidden=self.hidden, layers=self.n_layers, ffn=self.ffn, heads=self.n_head
-        )
-        w.add_head_count_kv(self.n_head_kv)
-        w.add_layer_norm_rms_eps(self.eps)
-        w.add_rope_freq_base(self.rope_theta)
-        w.add_rope_dimension_count(self.head_dim)
-        w.add_vocab_size(self.vocab_size)
-        if self.rope_type == "linear":
+        super().write_hparams(w)
+        a = self.args
+        w.add_head_count_kv(a.num_key_value_heads)
+        w.add_layer_norm_rms_eps(a.rms_norm_eps)
+        w.add_rope_freq_base(a.rope_theta)
+        w.add_rope_dimension_count(a.head_dim)
+        w.add_vocab_size(a.vocab_size)
+        if a.rope_type == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(float(self.rope["factor"]))
+            w.add_rope_scaling_factor(float(a.rope["factor"]))
 
     def gguf_name(self, hf_name: str) -> str | None:
         if hf_name.endswith("rotary_emb.inv_freq") or hf_name == "lm_head.weight":
@@ -79,15 +140,16 @@ class Llama:
     def transform(self, gguf_name: str, data: np.ndarray) -> np.ndarray:
         # HF stores Q/K rows for rotate-half rope; llama.cpp rotates interleaved pairs.
         if gguf_name.endswith("attn_q.weight"):
-            return _permute(data, self.n_head)
+            return _permute(data, self.args.num_attention_heads)
         if gguf_name.endswith("attn_k.weight"):
-            return _permute(data, self.n_head_kv)
+            return _permute(data, self.args.num_key_value_heads)
         return data
 
     def extra_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        if self.rope_type == "llama3":
+        a = self.args
+        if a.rope_type == "llama3":
             name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-            yield name, llama3_rope_factors(self.rope, self.rope_theta, self.head_dim)
+            yield name, llama3_rope_factors(a.rope, a.rope_theta, a.head_dim)
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:

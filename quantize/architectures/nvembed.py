@@ -68,7 +68,6 @@ class NVEmbed(Llama):
         if config.get("padding_side", "right") != "right":
             raise UnsupportedArchitecture(f"{where}: padding_side {config['padding_side']!r}; NV-Embed uses right")
         super().__init__({**MISTRAL_DEFAULTS, **text, "sliding_window": None}, where)
-        self.where = where
         self.latent = {**LATENT_DEFAULTS, **(config.get("latent_attention_config") or {})}
         self.skip_instruction = bool(config.get("is_mask_instruction", True))
         self.append_eos = bool(config.get("add_eos", True))
@@ -89,6 +88,12 @@ class NVEmbed(Llama):
             gguf_keys.APPEND_EOS: self.append_eos,
         }
 
+    def head_bytes(self) -> int:
+        """The folded head in float32: scores + values (hidden x heads*latents each), GEGLU, norms."""
+        hidden = self.args.hidden_size
+        hl = int(self.latent["num_cross_heads"]) * int(self.latent["num_latents_value"])
+        return 4 * (2 * hidden * hl + 8 * hidden * hidden + 4 * hidden * hidden + 8 * hidden + 5 * hidden)
+
     def head_tensors(self, load: Callable[[str], np.ndarray | None]) -> dict[str, np.ndarray]:
         """The folded head (see fold_head) from the checkpoint tensors LOAD returns by HF name."""
         raw = {}
@@ -100,11 +105,10 @@ class NVEmbed(Llama):
                     "download the complete checkpoint (all *.safetensors shards)"
                 )
             raw[name] = data
-        return fold_head(raw, int(self.latent["num_cross_heads"]), self.hidden, self.where)
+        return fold_head(raw, int(self.latent["num_cross_heads"]), self.args.hidden_size, self.where)
 
     def write_head(self, w: gguf.GGUFWriter, tensors: dict[str, np.ndarray]) -> None:
         w.add_uint32(f"{HEAD_ARCH}.head_count", int(self.latent["num_cross_heads"]))
-        w.add_uint32(f"{HEAD_ARCH}.latent_count", tensors["scores"].shape[1] // int(self.latent["num_cross_heads"]))
         w.add_float32(f"{HEAD_ARCH}.layer_norm_epsilon", LAYER_NORM_EPS)
         for name, data in tensors.items():
             w.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))

@@ -1,6 +1,6 @@
 """Bytes a run needs on each device: a pure function of (shapes, quant, settings, GPU layers).
 
-What llama.cpp allocates for an embedding context (sizes it logs, checked in tests/test_memory.py):
+What llama.cpp allocates for an embedding context (sizes it logs, checked in tests/test_plan.py):
 - weights: each repeating layer on the device that runs it; the token embedding stays in RAM;
 - KV cache (llama-embed keeps one, BERT none): n_ctx x layers x 2 x kv_heads x head_dim x f16;
 - compute buffer with flash attention (what `auto` picks on CPU and on CUDA for these head sizes):
@@ -21,13 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from planner.batching import max_seqs, token_budget
+from planner.shapes import ModelShape
 from quantize.sizes import file_bytes, layer_bytes
-from runner.shapes import ModelShape
 
 MIB = 2**20
-KV_PAD = 256
-DEFAULT_BUDGET = 512  # runner/engine.py's smallest micro-batch
-MAX_SEQS = 256
 RUNTIME = 90 * MIB  # python + numpy + click + llama.cpp, before any model (83 MiB measured)
 VOCAB_BYTES_PER_TOKEN = 400
 CUDA_OVERHEAD = 512 * MIB
@@ -40,22 +38,63 @@ class Settings:
 
     @property
     def ubatch(self) -> int:
-        return -(-max(DEFAULT_BUDGET, self.max_length) // KV_PAD) * KV_PAD
+        return token_budget(self.max_length)
 
     @property
     def n_seq(self) -> int:
-        return min(MAX_SEQS, self.ubatch)
+        return max_seqs(self.ubatch)
+
+
+@dataclass(frozen=True)
+class DeviceNeeds:
+    """Bytes on one device, by what holds them (Ollama's MemoryEstimate keeps the same breakdown)."""
+
+    device: str  # "GPU0", "GPU1", ... or "CPU"
+    weights: int = 0
+    kv_cache: int = 0
+    compute: int = 0
+    output: int = 0  # the host buffer llama.cpp returns states through
+    head: int = 0  # a pooling head the runner holds (NV-Embed)
+    overhead: int = 0  # CUDA context on a GPU; the process and llama.cpp's vocabulary in RAM
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute + self.output + self.head + self.overhead
+
+    def as_json(self) -> dict:
+        return {
+            "device": self.device,
+            "weights": self.weights,
+            "kv_cache": self.kv_cache,
+            "compute": self.compute,
+            "output": self.output,
+            "head": self.head,
+            "overhead": self.overhead,
+            "total": self.total,
+        }
 
 
 @dataclass(frozen=True)
 class Needs:
-    gpu: tuple[int, ...]  # bytes on each GPU
-    ram: int
+    gpus: tuple[DeviceNeeds, ...]  # one per GPU the plan may use, in order
+    cpu: DeviceNeeds
     file: int  # the GGUF's size on disk
+
+    @property
+    def gpu(self) -> tuple[int, ...]:
+        """Bytes on each GPU."""
+        return tuple(g.total for g in self.gpus)
 
     @property
     def gpu_total(self) -> int:
         return sum(self.gpu)
+
+    @property
+    def ram(self) -> int:
+        return self.cpu.total
+
+    def as_json(self) -> list[dict]:
+        return [d.as_json() for d in (*self.gpus, self.cpu)]
 
 
 def kv_per_layer(shape: ModelShape, s: Settings) -> int:
@@ -80,16 +119,22 @@ def needs(shape: ModelShape, quant: str, s: Settings, gpu_layers: tuple[int, ...
     per_layer, other = layer_bytes(list(shape.tensors), quant, shape.layers, shape.n_gqa)
     kv = kv_per_layer(shape, s)
     compute = compute_bytes(shape, s)
-    gpu, start = [], 0
-    for n in gpu_layers:
+    gpus, start = [], 0
+    for i, n in enumerate(gpu_layers):
         layers = per_layer[start : start + n]
-        gpu.append(sum(layers) + n * kv + compute + CUDA_OVERHEAD if n else 0)
+        used = DeviceNeeds(f"GPU{i}", sum(layers), n * kv, compute, overhead=CUDA_OVERHEAD)
+        gpus.append(used if n else DeviceNeeds(f"GPU{i}"))
         start += n
     cpu_layers = per_layer[start:]
     # With every layer on GPUs the CPU still embeds the tokens: a small buffer of the input states.
-    cpu_compute = compute if cpu_layers else 4 * s.ubatch * shape.hidden * 2
-    ram = RUNTIME + VOCAB_BYTES_PER_TOKEN * shape.vocab + other + output_bytes(shape, s)
-    ram += sum(cpu_layers) + len(cpu_layers) * kv + cpu_compute
-    ram += head_runtime_bytes(shape)
+    cpu = DeviceNeeds(
+        "CPU",
+        weights=other + sum(cpu_layers),
+        kv_cache=len(cpu_layers) * kv,
+        compute=compute if cpu_layers else 4 * s.ubatch * shape.hidden * 2,
+        output=output_bytes(shape, s),
+        head=head_runtime_bytes(shape),
+        overhead=RUNTIME + VOCAB_BYTES_PER_TOKEN * shape.vocab,
+    )
     size = file_bytes(list(shape.tensors), quant, shape.header_bytes, shape.layers, shape.n_gqa)
-    return Needs(tuple(gpu), ram, size)
+    return Needs(tuple(gpus), cpu, size)

@@ -18,13 +18,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from planner.hardware import Hardware
+from planner.memory import Needs, Settings, needs
+from planner.shapes import ModelShape
 from quantize.errors import BadInput
-from quantize.ladder import LADDER
-from runner.hardware import Hardware
-from runner.memory import Needs, Settings, needs
-from runner.shapes import ModelShape
+from quantize.quants import FIDELITY
 
-FIDELITY = ["F16", *LADDER]
 ACCEPTABLE_PARTIAL = FIDELITY[: FIDELITY.index("Q4_K_M") + 1]
 MAX_LENGTH_CAP = 8192  # default --max-length: the model's max length, at most this (compute grows with it)
 GIB = 2**30
@@ -50,6 +49,7 @@ class Row:
             "ram_bytes": self.needs.ram,
             "fits": self.fits,
             "n_gpu_layers": self.n_gpu_layers,
+            "devices": self.needs.as_json(),
         }
 
 
@@ -93,8 +93,17 @@ class Plan:
         }
 
 
-def default_max_length(shape: ModelShape, registry_max: int | None) -> int:
-    return min(registry_max or shape.context, shape.context, MAX_LENGTH_CAP)
+def max_length_for(asked: int | None, model_max: int | None, context: int) -> int:
+    """The longest sequence a run holds, and so where inputs are cut: what was ASKED for, else the model's
+    own max length (registry or GGUF), else MAX_LENGTH_CAP; never past the trained CONTEXT.
+
+    The planner and the engine both take it from here, so a run never grows past what was planned.
+    """
+    if asked is not None and asked < 1:
+        raise BadInput(f"--max-length {asked}: must be at least 1")
+    if asked is not None:
+        return min(asked, context)
+    return min(model_max or MAX_LENGTH_CAP, context, MAX_LENGTH_CAP)
 
 
 def split_layers(n: int, free: list[int]) -> tuple[int, ...]:
@@ -168,7 +177,7 @@ def plan(
             if cpu.fits == "cpu":
                 why = "no usable GPU" if not hw.usable_gpus() else "too little GPU memory for an acceptable quant"
                 return done(cpu, f"{why}; the highest-fidelity quant that fits in RAM")
-    smallest = allowed[-1] if allowed else by_quant["Q2_K"]
+    smallest = allowed[-1]  # never empty: hi <= lo was checked above
     raise BadInput(_no_fit(shape, smallest, hw, s))
 
 

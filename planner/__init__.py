@@ -1,0 +1,58 @@
+"""Planning: which quant, how many layers on which GPU, how long a sequence, for a model on a machine.
+
+Pure and llama.cpp-free (a test holds it to that): shapes (planner.shapes, from the model family classes),
+GGUF sizes (quantize.sizes), the memory model (planner.memory), batching (planner.batching) and the policy
+(planner.policy) are plain functions of plain data. The hardware probe (planner.hardware) is the one edge.
+
+>>> from planner import HardwareOptions, plan_for
+>>> plan_for("llama-embed-nemotron-8b", options=HardwareOptions(vram="12GiB", ram="32GiB")).chosen.quant
+'Q8_0'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from planner.hardware import Hardware, parse_size, probe, with_overrides
+from planner.policy import Plan, max_length_for, plan
+from planner.shapes import file_quant, resolve_shape
+from quantize.registry import load_registry
+
+
+@dataclass(frozen=True)
+class HardwareOptions:
+    """What the user says about the machine (`--vram`, `--ram`, `--reserve`, `--cpu`) and the quant bounds."""
+
+    vram: str | None = None  # e.g. "12GiB", or "8GiB,8GiB" for two GPUs
+    ram: str | None = None
+    cpu: bool = False
+    reserve: str = "1GiB"  # kept back on every device
+    max_quant: str | None = None
+    min_quant: str | None = None
+
+
+def plan_for(
+    model: str,
+    quant: str | None = None,
+    max_length: int | None = None,
+    options: HardwareOptions | None = None,
+    hardware: Hardware | None = None,
+) -> Plan:
+    """The plan for MODEL (registry name, HF directory, model directory or GGUF file) on this machine.
+
+    HARDWARE replaces the probe (tests, other machines); OPTIONS are applied over it either way. A GGUF
+    file is one quant: only its placement is planned.
+    """
+    shape = resolve_shape(model)
+    if quant is None and Path(model).is_file():
+        quant = file_quant(Path(model))
+    options = options or HardwareOptions()
+    reserve = parse_size(options.reserve, "--reserve")
+    hw = with_overrides(hardware or probe(), options.vram, options.ram, options.cpu, reserve)
+    entry = load_registry().get(model)
+    length = max_length_for(max_length, entry.max_length if entry else shape.max_length, shape.context)
+    return plan(shape, hw, length, quant, options.max_quant, options.min_quant)
+
+
+__all__ = ["HardwareOptions", "Plan", "plan", "plan_for"]

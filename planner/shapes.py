@@ -1,0 +1,156 @@
+"""A model's shapes, wherever they can be had: a GGUF (exact), a config.json, or models.toml (before download).
+
+The planner needs nothing else: no weights, no network. What a config.json means is the model family's
+business (quantize/architectures/): this module asks the family class and never parses config.json itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+from quantize import gguf_keys
+from quantize.architectures import for_config
+from quantize.errors import BadInput, CorruptModelFile, ModelNotFound
+from quantize.files import models_home
+from quantize.gguf_header import read_header
+from quantize.manifest import read_metadata
+from quantize.registry import load_registry
+from quantize.sizes import TensorSpec
+from quantize.source import package_dir, read_config
+
+F16, F32 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
+HEADER_SLACK = 2**16  # general.* keys, prompts, the tensor index: beyond the per-token vocabulary bytes
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    arch: str  # GGUF architecture: llama-embed or bert
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    context: int  # longest sequence the model was trained for
+    tensors: tuple[TensorSpec, ...]  # as in the F16 GGUF
+    header_bytes: int
+    head_bytes: int = 0  # NV-Embed's latent-attention head, float32 in RAM
+    per_token_outputs: bool = False  # pooling none: llama.cpp returns every token's state
+    max_length: int | None = None  # the default input length a converted file records (registry's)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def n_gqa(self) -> int:
+        return self.heads // max(1, self.kv_heads)
+
+
+def from_config(name: str, config: dict) -> ModelShape:
+    """Shapes from an HF config.json, through the family class that converts it."""
+    family = for_config(config, embedder=True, where=name)
+    t = family.trunk
+    return ModelShape(
+        name=name,
+        arch=gguf.MODEL_ARCH_NAMES[family.gguf_arch],
+        layers=t.layers,
+        hidden=t.hidden,
+        ffn=t.ffn,
+        heads=t.heads,
+        kv_heads=t.kv_heads,
+        vocab=t.vocab,
+        context=t.context,
+        tensors=family.tensor_specs(),
+        header_bytes=family.header_bytes_per_token * t.vocab + HEADER_SLACK,
+        head_bytes=family.head_bytes(),
+        per_token_outputs=family.per_token_outputs,
+    )
+
+
+def from_gguf(path: Path) -> ModelShape:
+    """Exact shapes from a GGUF file (any quant: the F16 layout is rebuilt from the tensor shapes)."""
+    read_metadata(path)  # a one-line CorruptModelFile for a file that is not a GGUF
+    header = read_header(path)
+    fields = header.metadata
+    arch = str(fields.get("general.architecture", "?"))
+
+    def need(key: str) -> int:
+        value = fields.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise CorruptModelFile(f"{path}: GGUF key {key} is missing or not a positive integer; re-convert it")
+        return value
+
+    # Whatever the file's quant, plan from the F16 layout it was made from.
+    f16 = tuple(TensorSpec(n, s, F32 if t == F32 or len(s) < 2 else F16) for n, s, t in header.tensors)
+    heads = need(f"{arch}.attention.head_count")
+    head = 0
+    name = fields.get(gguf_keys.HEAD_FILE)
+    if name:
+        sidecar = path.parent / str(name)
+        head = sidecar.stat().st_size if Path(str(name)).name == name and sidecar.is_file() else 0
+    vocab = header.array_lengths.get("tokenizer.ggml.tokens")
+    if not vocab:
+        raise CorruptModelFile(f"{path}: no tokenizer.ggml.tokens vocabulary; re-convert it")
+    return ModelShape(
+        name=str(fields.get("general.name", path.stem)),
+        arch=arch,
+        layers=need(f"{arch}.block_count"),
+        hidden=need(f"{arch}.embedding_length"),
+        ffn=need(f"{arch}.feed_forward_length"),
+        heads=heads,
+        kv_heads=need(f"{arch}.attention.head_count_kv") if f"{arch}.attention.head_count_kv" in fields else heads,
+        vocab=vocab,
+        context=need(f"{arch}.context_length"),
+        tensors=f16,
+        header_bytes=header.data_offset,
+        head_bytes=head,
+        per_token_outputs=fields.get(gguf_keys.POOLING) == "latent-attention",
+        max_length=int(fields[gguf_keys.MAX_LENGTH]) if isinstance(fields.get(gguf_keys.MAX_LENGTH), int) else None,
+    )
+
+
+def resolve_shape(model: str) -> ModelShape:
+    """-m MODEL: a GGUF, a directory (of GGUFs, or an HF checkpoint: config.json is enough), a registry name."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        return from_gguf(path)
+    if path.is_dir():
+        if ggufs := _ggufs(path):
+            return from_gguf(ggufs[0])
+        if (path / "config.json").is_file():
+            return from_config(path.name, read_config(path))
+        raise ModelNotFound(f"{model}: no GGUF files and no config.json here")
+    registry = load_registry()
+    if model not in registry:
+        raise ModelNotFound(f"{model}: no such file, directory or registry name; known: {', '.join(sorted(registry))}")
+    if ggufs := _ggufs(models_home() / model):
+        return from_gguf(ggufs[0])
+    entry = registry[model]
+    if entry.package:
+        return from_config(model, read_config(package_dir(entry.package)))
+    if entry.shape is None:
+        raise BadInput(f"{model}: models.toml has no [{model}.shape] table and nothing is on disk; convert it first")
+    return from_config(model, entry.config())
+
+
+def _ggufs(directory: Path) -> list[Path]:
+    """Trunk GGUFs in DIRECTORY, F16 first (the exact layout), sidecars left out."""
+    files = [p for p in sorted(directory.glob("*.gguf")) if not p.name.endswith(".head.gguf")]
+    return sorted(files, key=lambda p: (not p.stem.endswith("-F16"), p.name))
+
+
+def file_quant(path: Path) -> str:
+    """The quant of a GGUF file (Q4_K_M, F16, ...) from its general.file_type."""
+    ftype = read_metadata(path).get("general.file_type")
+    if ftype is None:
+        return "F16"
+    try:
+        name = gguf.LlamaFileType(int(ftype)).name
+    except (ValueError, TypeError):
+        raise CorruptModelFile(f"{path}: general.file_type {ftype!r} is not a llama.cpp file type") from None
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")

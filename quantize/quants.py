@@ -1,0 +1,14 @@
+"""The names of quants, best fidelity first: what both the quantizer and the pure planner need.
+
+Kept apart from quantize/ladder.py, which loads llama.cpp's native library, so the planner can list and
+order quants without it.
+"""
+
+# llama.cpp's quant ladder, best fidelity first: what `runner quantize` makes from an F16 GGUF.
+LADDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
+# What the planner chooses from: the F16 file the converter writes, then the ladder.
+FIDELITY = ["F16", *LADDER]
+# The unquantized types a converted file can have; any of them is a source for the ladder.
+UNQUANTIZED = ["F32", "F16", "BF16"]
+# Highest fidelity first: what `-m DIR` picks when no --quant is given.
+PREFERENCE = [*UNQUANTIZED, *LADDER]

@@ -1,0 +1,270 @@
+"""The one embedding pipeline: texts -> prompt -> tokens -> truncation -> engine -> pooled vectors -> norm.
+
+Every front door goes through it: `runner embed` and `Embedder.encode` stream texts through `stream`,
+`runner serve` tokenizes each request with `tokenize` and batches them across requests with `vectors`.
+`open_pipeline` is the one way from a model name to a loaded pipeline: plan (optional), produce the GGUF
+if missing, load with the plan's GPU layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from planner import HardwareOptions, Plan, plan_for
+from planner.batching import MIN_TOKEN_BUDGET
+from planner.policy import max_length_for
+from quantize import gguf_keys
+from quantize.errors import BadInput
+from runner.engine import Engine, open_engine
+from runner.model import ResolvedModel, resolve_model
+
+log = logging.getLogger("runner")
+
+
+@dataclass
+class Stats:
+    """Counts over a run (its summary line)."""
+
+    texts: int = 0  # embedded now
+    tokens: int = 0
+    truncated: int = 0
+    skipped: int = 0  # already on disk from an interrupted run
+
+
+@dataclass
+class Tokenized:
+    """Token sequences ready for the engine: already prompted, EOS-appended and truncated."""
+
+    seqs: list[np.ndarray] = field(default_factory=list)
+    skips: list[int] = field(default_factory=list)  # leading positions left out of the mean (NV-Embed)
+    truncated: int = 0  # how many inputs were cut
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s) for s in self.seqs)
+
+    @staticmethod
+    def concat(parts: Sequence[Tokenized]) -> Tokenized:
+        """One batch from several (requests of a server): rows keep their order, part after part."""
+        return Tokenized(
+            [s for p in parts for s in p.seqs], [k for p in parts for k in p.skips], sum(p.truncated for p in parts)
+        )
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Consecutive texts of a stream and their vectors."""
+
+    index: int  # 0, 1, ... in stream order
+    first: int  # 0-based input number of its first text
+    count: int
+    digest: str  # sha256 over the run's key and every text up to and including this chunk
+    vectors: np.ndarray | None  # None: SKIP said this chunk is already done (resume)
+
+
+class Pipeline:
+    """A loaded model with its prompts and its truncation limit: texts in, float32 vectors out."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        model: ResolvedModel | None = None,
+        max_length: int | None = None,
+        plan: Plan | None = None,
+    ) -> None:
+        self.engine = engine
+        self.model = model or ResolvedModel.of_file(engine.path)
+        self.plan = plan
+        # The plan's length when there is one (the memory was sized for it), else the same rule the planner uses.
+        asked = plan.settings.max_length if plan is not None and max_length is None else max_length
+        self.max_length = max_length_for(asked, self.model.max_length, engine.n_ctx_train)
+        self._append_eos = engine.flag(gguf_keys.APPEND_EOS)
+        self._skip_instruction = engine.flag(gguf_keys.POOL_SKIP_INSTRUCTION)
+
+    @property
+    def dims(self) -> int:
+        return self.engine.n_embd
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.n_vocab
+
+    # --- one batch ----------------------------------------------------------------------------
+    def tokenize(
+        self,
+        texts: Sequence[str],
+        *,
+        query: bool = False,
+        task: str | None = None,
+        truncate: bool = True,
+        first_index: int = 0,
+    ) -> Tokenized:
+        """TEXTS through the model's prompt template and tokenizer, cut at max_length.
+
+        An empty text, or one over the limit with TRUNCATE=False, is a BadInput naming the input
+        (numbered from FIRST_INDEX + 1).
+        """
+        engine = self.engine
+        # NV-Embed: each text is `instruction + text + eos_token` and its mean leaves out the first
+        # len(tokenize(instruction)) positions (counted without BOS, zeroed from position 0: BOS included).
+        skip = 0
+        if self._skip_instruction and texts:
+            instruction = self.model.prompts.instruction(query, task, where=engine.path.name)
+            skip = len(engine.tokenize(instruction, special=False)) if instruction else 0
+        out = Tokenized()
+        for i, text in enumerate(texts, first_index + 1):
+            if not isinstance(text, str) or not text.strip():
+                raise BadInput(f"input {i}: empty text; remove empty lines from the input")
+            tokens = engine.tokenize(self.model.prompts.apply(text, query, task, where=f"input {i}"))
+            if self._append_eos:
+                tokens = np.append(tokens, np.int32(engine.eos))
+            # Keep a closing EOS/SEP the tokenizer adds; an EOS that is part of the text (NV-Embed) goes
+            # with the rest of the tail, as the reference's truncation does.
+            keep_last = engine.ends_with_special and not self._append_eos
+            self._add(out, tokens, skip, i, truncate, keep_last)
+        return out
+
+    def from_token_ids(self, ids: Sequence[Sequence[int]], *, truncate: bool = True, first_index: int = 0) -> Tokenized:
+        """Token ids given by the caller (OpenAI's array-of-token-ids input), checked and cut at max_length."""
+        out = Tokenized()
+        for i, seq in enumerate(ids, first_index + 1):
+            tokens = np.asarray(seq)
+            if tokens.ndim != 1 or len(tokens) == 0 or not np.issubdtype(tokens.dtype, np.integer):
+                raise BadInput(f"input {i}: token ids must be a non-empty list of integers")
+            if tokens.min() < 0 or tokens.max() >= self.vocab_size:
+                raise BadInput(f"input {i}: token id out of range; the vocabulary has {self.vocab_size} tokens")
+            self._add(out, tokens.astype(np.int32), 0, i, truncate, keep_last=False)
+        return out
+
+    def _add(self, out: Tokenized, tokens: np.ndarray, skip: int, i: int, truncate: bool, keep_last: bool) -> None:
+        """Append TOKENS to OUT, cut at max_length (or refused, naming input I, when TRUNCATE is False)."""
+        limit = self.max_length
+        if len(tokens) > limit:
+            if not truncate:
+                raise BadInput(
+                    f"input {i}: {len(tokens)} tokens, over the limit of {limit}; shorten it, or allow truncation"
+                )
+            tokens = np.concatenate([tokens[: limit - 1], tokens[-1:]]) if keep_last else tokens[:limit]
+            out.truncated += 1
+        out.seqs.append(tokens)
+        out.skips.append(skip)
+
+    def vectors(self, tokenized: Tokenized, *, normalize: bool = True, first_index: int = 0) -> np.ndarray:
+        """One float32 row per sequence, in order; L2-normalised unless NORMALIZE is False."""
+        vectors = self.engine.embed_tokens(tokenized.seqs, skips=tokenized.skips, first_index=first_index)
+        if normalize:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors /= np.maximum(norms, 1e-12)
+        return vectors
+
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        query: bool = False,
+        task: str | None = None,
+        normalize: bool = True,
+        truncate: bool = True,
+        first_index: int = 0,
+        stats: Stats | None = None,
+    ) -> np.ndarray:
+        """tokenize + vectors. Cut inputs are counted in STATS, or warned about when there is none."""
+        tok = self.tokenize(texts, query=query, task=task, truncate=truncate, first_index=first_index)
+        if stats is not None:
+            stats.texts += len(tok)
+            stats.tokens += tok.tokens
+            stats.truncated += tok.truncated
+        elif tok.truncated:
+            log.warning("truncated %d input(s) to %d tokens", tok.truncated, self.max_length)
+        return self.vectors(tok, normalize=normalize, first_index=first_index)
+
+    # --- a stream -----------------------------------------------------------------------------
+    def stream(
+        self,
+        texts: Iterable[str],
+        chunk_size: int,
+        *,
+        run_key: str = "",
+        skip: Callable[[int, str], bool] | None = None,
+        stats: Stats | None = None,
+        **options,
+    ) -> Iterator[Chunk]:
+        """Texts in, chunks of CHUNK_SIZE vectors out, reading TEXTS lazily (memory stays flat for any input).
+
+        Each chunk's digest covers RUN_KEY and every text so far, so a resumed run can tell whether the part
+        an interrupted run left is the same work; SKIP(index, digest) true means it is, and the chunk is not
+        embedded again. OPTIONS go to `embed` (query, task, normalize, truncate).
+        """
+        if chunk_size < 1:
+            raise BadInput(f"chunk size {chunk_size}: must be at least 1")
+        running = hashlib.sha256(run_key.encode())
+        it = iter(texts)
+        first, index = 0, 0
+        while batch := list(islice(it, chunk_size)):
+            for t in batch:
+                running.update(t.encode("utf-8", "surrogatepass") if isinstance(t, str) else repr(t).encode())
+                running.update(b"\0")
+            digest = running.hexdigest()
+            if skip is not None and skip(index, digest):
+                if stats is not None:
+                    stats.skipped += len(batch)
+                yield Chunk(index, first, len(batch), digest, None)
+            else:
+                vectors = self.embed(batch, first_index=first, stats=stats, **options)
+                yield Chunk(index, first, len(batch), digest, vectors)
+            first += len(batch)
+            index += 1
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_pipeline(
+    model: str,
+    quant: str | None = None,
+    *,
+    auto_quant: bool = False,
+    max_length: int | None = None,
+    threads: int | None = None,
+    hardware: HardwareOptions | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+) -> Pipeline:
+    """MODEL (GGUF file, model directory, HF checkpoint directory or registry name) loaded and ready.
+
+    AUTO_QUANT plans the quant and GPU layers for this machine (planner.plan_for; ON_PLAN sees the plan
+    before any conversion starts) and claims the planned context up front, so a lack of memory shows (and
+    is retried with fewer GPU layers) now rather than mid-run. The GGUF is produced if missing.
+    """
+    if max_length is not None and max_length < 1:
+        raise BadInput(f"--max-length {max_length}: must be at least 1")
+    plan, gpu_layers, split = None, 0, None
+    if auto_quant:
+        plan = plan_for(model, quant, max_length, hardware or HardwareOptions())
+        if on_plan is not None:
+            on_plan(plan)
+        gpu_layers, split = plan.chosen.n_gpu_layers, plan.tensor_split
+        quant = None if Path(model).is_file() else plan.chosen.quant
+    resolved = resolve_model(model, quant)
+    reserve = plan.settings.max_length if plan is not None else MIN_TOKEN_BUDGET
+    engine = open_engine(resolved.path, threads, gpu_layers, split, reserve)
+    try:
+        return Pipeline(engine, resolved, max_length, plan)
+    except BaseException:
+        engine.close()
+        raise
