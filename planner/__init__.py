@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from planner import calibration
 from planner.hardware import Hardware, parse_size, probe, with_overrides
 from planner.policy import Plan, max_length_for, plan
 from planner.shapes import file_quant, resolve_shape
@@ -30,6 +31,7 @@ class HardwareOptions:
     reserve: str = "1GiB"  # kept back on every device
     max_quant: str | None = None
     min_quant: str | None = None
+    prefer: str = "balanced"  # CPU plans: fidelity | balanced | speed (planner.policy)
 
 
 def plan_for(
@@ -52,7 +54,9 @@ def plan_for(
     hw = with_overrides(hardware or probe(), options.vram, options.ram, options.cpu, reserve)
     entry = load_registry().get(model)
     length = max_length_for(max_length, entry.max_length if entry else shape.max_length, shape.context)
-    return plan(shape, hw, length, quant, options.max_quant, options.min_quant)
+    measured = calibration.load(shape, hw.cores)
+    speeds = measured.predict(shape) if measured else None
+    return plan(shape, hw, length, quant, options.max_quant, options.min_quant, options.prefer, speeds)
 
 
 __all__ = ["HardwareOptions", "Plan", "plan", "plan_for"]

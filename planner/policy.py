@@ -8,9 +8,15 @@ Rule, in order:
 3. Else a partial offload among the acceptable quants (Q8_0 down to Q4_K_M — below that retention
    drops fast, see the README): the one that leaves the fewest weight bytes on the CPU, because the CPU
    layers set the speed (they run an order of magnitude slower than GPU layers); ties go to fidelity.
-4. Else (no GPU, or nothing offloads): the CPU plan — the highest-fidelity quant that fits in free RAM,
-   F16 included: it is exact, and on this project's AVX2 test machine it embedded the 8B layer shape
-   1.66x faster than Q8_0 (bench.cpu_quants; the README has the numbers), so fidelity decides here too.
+4. Else (no GPU, or nothing offloads): the CPU plan, among the quants that fit in free RAM, by --prefer:
+   - fidelity: the highest-fidelity quant (F16 included);
+   - balanced (the default): the fastest on this CPU whose expected cosine to F16 is >= 0.999 (F16, Q8_0,
+     Q6_K by the retention table in quantize/quants.py);
+   - speed: the fastest at Q4_K_M or above.
+   Speed on a CPU depends on the CPU (on one AVX2 EPYC F16 was fastest, on another Q6_K ran 1.9x F16), so
+   it comes from this machine's calibration (`runner calibrate`, planner/calibration.py); without one,
+   fidelity decides and the plan says how to make one.
+GPU plans keep rules 2-3 whatever --prefer says, until GPU speeds are measured.
 """
 
 from __future__ import annotations
@@ -22,8 +28,12 @@ from planner.hardware import Hardware
 from planner.memory import Needs, Settings, needs
 from planner.shapes import ModelShape
 from quantize.errors import BadInput
-from quantize.quants import FIDELITY
+from quantize.quants import FIDELITY, RETENTION
 
+PREFERENCES = ("fidelity", "balanced", "speed")
+BALANCED_COSINE = 0.999  # --prefer balanced: the least expected cosine to F16
+SPEED_FLOOR = "Q4_K_M"  # --prefer speed: nothing below this (retention drops fast below it)
+CALIBRATE_HINT = "no CPU calibration for this machine: `runner calibrate -m MODEL` measures one (about 2 minutes)"
 ACCEPTABLE_PARTIAL = FIDELITY[: FIDELITY.index("Q4_K_M") + 1]
 MAX_LENGTH_CAP = 8192  # default --max-length: the model's max length, at most this (compute grows with it)
 GIB = 2**30
@@ -35,6 +45,8 @@ class Row:
     fits: str  # gpu | split | cpu | no
     gpu_layers: tuple[int, ...]
     needs: Needs
+    cpu_tokens_per_s: float | None = None  # predicted on this CPU from its calibration; None: not measured
+    retention: float | None = None  # expected mean cosine to F16 (quantize/quants.py); None: not measured
 
     @property
     def n_gpu_layers(self) -> int:
@@ -50,6 +62,8 @@ class Row:
             "fits": self.fits,
             "n_gpu_layers": self.n_gpu_layers,
             "devices": self.needs.as_json(),
+            "cpu_tokens_per_s": self.cpu_tokens_per_s,
+            "expected_cosine_to_f16": self.retention,
         }
 
 
@@ -61,6 +75,7 @@ class Plan:
     rows: tuple[Row, ...]
     chosen: Row
     reason: str
+    prefer: str = "balanced"
 
     @property
     def device(self) -> str:
@@ -89,6 +104,7 @@ class Plan:
             "n_ubatch": self.settings.ubatch,
             "chosen": chosen,
             "reason": self.reason,
+            "prefer": self.prefer,
             "quants": [r.as_json() for r in self.rows],
         }
 
@@ -145,13 +161,22 @@ def plan(
     quant: str | None = None,
     max_quant: str | None = None,
     min_quant: str | None = None,
+    prefer: str = "balanced",
+    cpu_speeds: dict[str, float] | None = None,
 ) -> Plan:
+    """The plan for SHAPE on HW. CPU_SPEEDS: predicted tokens/s per quant on this CPU (calibration), if any."""
+    if prefer not in PREFERENCES:
+        raise BadInput(f"--prefer {prefer}: choose from {', '.join(PREFERENCES)}")
     s = Settings(max_length)
-    rows = tuple(evaluate(shape, q, hw, s) for q in FIDELITY)
+    speeds = cpu_speeds or {}
+    rows = tuple(
+        replace(evaluate(shape, q, hw, s), cpu_tokens_per_s=speeds.get(q), retention=RETENTION.get(q)) for q in FIDELITY
+    )
     by_quant = {r.quant: r for r in rows}
 
     def done(row: Row, reason: str) -> Plan:
-        return Plan(shape, hw, s, rows, row, reason)
+        row = replace(row, cpu_tokens_per_s=speeds.get(row.quant), retention=RETENTION.get(row.quant))
+        return Plan(shape, hw, s, rows, row, reason, prefer)
 
     if quant:
         quant = _check(quant, "--quant")
@@ -171,14 +196,25 @@ def plan(
     if partial:
         best = min(partial, key=lambda r: (r.needs.ram, FIDELITY.index(r.quant)))
         return done(best, "nothing fits on the GPU whole; this leaves the least on the CPU, which sets the speed")
-    for row in allowed:
-        if row.fits in ("cpu", "split"):
-            cpu = evaluate(shape, row.quant, _cpu_only(hw), s)
-            if cpu.fits == "cpu":
-                why = "no usable GPU" if not hw.usable_gpus() else "too little GPU memory for an acceptable quant"
-                return done(cpu, f"{why}; the highest-fidelity quant that fits in RAM")
-    smallest = allowed[-1]  # never empty: hi <= lo was checked above
-    raise BadInput(_no_fit(shape, smallest, hw, s))
+    on_cpu = [evaluate(shape, r.quant, _cpu_only(hw), s) for r in allowed if r.fits in ("cpu", "split")]
+    on_cpu = [r for r in on_cpu if r.fits == "cpu"]
+    if not on_cpu:
+        smallest = allowed[-1]  # never empty: hi <= lo was checked above
+        raise BadInput(_no_fit(shape, smallest, hw, s))
+    why = "no usable GPU" if not hw.usable_gpus() else "too little GPU memory for an acceptable quant"
+    if prefer == "balanced":
+        fast = [r for r in on_cpu if r.quant in speeds and RETENTION.get(r.quant, 0.0) >= BALANCED_COSINE]
+        rule = f"the fastest quant on this CPU that keeps >= {BALANCED_COSINE} cosine to F16"
+    elif prefer == "speed":
+        fast = [r for r in on_cpu if r.quant in speeds and FIDELITY.index(r.quant) <= FIDELITY.index(SPEED_FLOOR)]
+        rule = f"the fastest quant on this CPU at {SPEED_FLOOR} or above"
+    else:
+        return done(on_cpu[0], f"{why}; the highest-fidelity quant that fits in RAM")
+    if fast:
+        best = max(fast, key=lambda r: (speeds[r.quant], -FIDELITY.index(r.quant)))
+        return done(best, f"{why}; {rule} ({speeds[best.quant]:.0f} tokens/s predicted)")
+    hint = CALIBRATE_HINT if not speeds else "no calibrated quant qualifies"
+    return done(on_cpu[0], f"{why}; the highest-fidelity quant that fits in RAM ({hint})")
 
 
 def _cpu_only(hw: Hardware) -> Hardware:

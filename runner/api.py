@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -22,7 +23,8 @@ class Embedder:
 
     quant picks a file of a model directory or name (default: the highest fidelity on disk); "auto" plans
     for this machine like `runner embed --auto-quant` (quant, GPU layers; produced if not on disk), with
-    HARDWARE saying what to plan for (default: what the probe finds, 1 GiB kept back on every device).
+    HARDWARE saying what to plan for (default: what the probe finds, 1 GiB kept back on every device) and
+    PREFER what a CPU plan favours (fidelity | balanced | speed; see planner/policy.py).
     max_length: where inputs are cut (default: the model's, as `runner embed`).
     """
 
@@ -33,8 +35,12 @@ class Embedder:
         threads: int | None = None,
         max_length: int | None = None,
         hardware: HardwareOptions | None = None,
+        prefer: str | None = None,
     ) -> None:
         auto = quant is not None and quant.lower() == "auto"
+        hardware = hardware or HardwareOptions()
+        if prefer is not None:
+            hardware = replace(hardware, prefer=prefer)
         self.pipeline: Pipeline = open_pipeline(
             model, None if auto else quant, auto_quant=auto, max_length=max_length, threads=threads, hardware=hardware
         )

@@ -99,7 +99,8 @@ def quantize(
 
 
 def hardware_options(f):
-    """--vram/--ram/--reserve/--cpu/--max-quant/--min-quant, shared by `plan` and `embed --auto-quant`."""
+    """--vram/--ram/--reserve/--cpu/--max-quant/--min-quant/--prefer, shared by `plan`, `embed --auto-quant`
+    and `serve`."""
     options = [
         click.option("--vram", help="Free GPU memory to plan for, e.g. 12GiB, or 8GiB,8GiB for two GPUs."),
         click.option("--ram", help="Free RAM to plan for, e.g. 16GiB (default: what the machine has free)."),
@@ -107,6 +108,14 @@ def hardware_options(f):
         click.option("--cpu", is_flag=True, help="Plan for the CPU only."),
         click.option("--max-quant", help="Highest-fidelity quant to consider (e.g. Q8_0)."),
         click.option("--min-quant", help="Lowest quant to accept (e.g. Q4_K_M)."),
+        click.option(
+            "--prefer",
+            type=click.Choice(["fidelity", "balanced", "speed"]),
+            default="balanced",
+            show_default=True,
+            help="CPU plans: the most faithful quant, the fastest keeping >= 0.999 cosine to F16, or the fastest "
+            "at Q4_K_M or above (speeds from `runner calibrate`).",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -142,14 +151,18 @@ def plan_cmd(model: str, quant: str | None, max_length: int | None, as_json: boo
         gpus += " (this llama-cpp-python build cannot offload: rebuild with CMAKE_ARGS=-DGGML_CUDA=on)"
     click.echo(f"{p.shape.name}: max length {p.settings.max_length} (n_ubatch {p.settings.ubatch})")
     click.echo(f"hardware: {gpus}; RAM {hw.ram_free / gib:.1f} GiB free; {hw.cores} cores ({hw.source})")
-    click.echo(f"  {'quant':<8}{'file':>10}{'GPU':>10}{'RAM':>10}  fits")
+    click.echo(f"  {'quant':<8}{'file':>10}{'GPU':>10}{'RAM':>10}{'CPU tok/s':>11}{'cos F16':>9}  fits")
     for r in p.rows:
         mark = ">" if r is p.chosen or r.quant == p.chosen.quant else " "
         fits = {"split": f"split, {r.n_gpu_layers}/{p.shape.layers} layers on GPU"}.get(r.fits, r.fits)
+        speed = f"{r.cpu_tokens_per_s:.1f}" if r.cpu_tokens_per_s else "?"
+        cosine = f"{r.retention:.4f}" if r.retention else "?"
         click.echo(
             f"{mark} {r.quant:<8}{r.needs.file / gib:>9.2f}G{r.needs.gpu_total / gib:>9.2f}G"
-            f"{r.needs.ram / gib:>9.2f}G  {fits}"
+            f"{r.needs.ram / gib:>9.2f}G{speed:>11}{cosine:>9}  {fits}"
         )
+    if not any(r.cpu_tokens_per_s for r in p.rows):
+        click.echo("CPU tok/s: not measured on this machine; `runner calibrate -m MODEL` measures it (~2 minutes).")
     click.echo(f"chosen: {p.chosen.quant} on {p.device} — {p.reason}.")
 
 
@@ -271,6 +284,42 @@ def embed(
             f"({stats.tokens / max(seconds, 1e-9):.0f} tokens/s; {pipeline.model.path.name}{plan_note}){where}",
             err=True,
         )
+
+
+@main.command()
+@click.option("-m", "--model", default="llama-embed-nemotron-8b", show_default=True, help="Whose layer shape to time.")
+@click.option("--quants", default="F16,Q8_0,Q6_K,Q5_K_M,Q5_K_S,Q4_K_M", show_default=True, help="Comma-separated.")
+@click.option("--repeats", type=click.IntRange(1, 20), default=2, show_default=True, help="Timed runs per quant.")
+@click.option("--threads", type=click.IntRange(1, 1024), help="Default: physical cores (what the engine uses).")
+def calibrate(model: str, quants: str, repeats: int, threads: int | None) -> None:
+    """Time each quant on this CPU on MODEL's layer shape; `--auto-quant` and `runner plan` then use it."""
+    from tqdm import tqdm
+
+    from planner import calibration
+    from planner.shapes import resolve_shape
+    from quantize.quants import FIDELITY
+    from runner.calibrate import calibrate as run_calibrate
+
+    chosen = [q.strip().upper() for q in quants.split(",") if q.strip()]
+    if unknown := [q for q in chosen if q not in FIDELITY]:
+        raise BadInput(f"--quants {','.join(unknown)}: unknown quant; choose from {', '.join(FIDELITY)}")
+    shape = resolve_shape(model)
+    steps = 1 + len(chosen) + sum(q != "F16" for q in chosen)  # write, then quantize (not F16) and time each
+    with tqdm(total=steps, file=sys.stderr, disable=not sys.stderr.isatty(), unit="step") as bar:
+
+        def step(message: str) -> None:
+            bar.set_description_str(message)
+            bar.update(1)
+
+        result = run_calibrate(shape, tuple(chosen), threads, repeats, progress=step)
+    path = calibration.save(result)
+    predicted = result.predict(shape)
+    click.echo(f"{result.identity['cpu']}, {result.identity['threads']} threads, llama-cpp-python "
+               f"{result.identity['llama_cpp_python']}: {shape.name}'s layer shape")  # fmt: skip
+    click.echo(f"  {'quant':<8}{f'tok/s ({result.layers} layers)':>22}{f'predicted ({shape.layers} layers)':>26}")
+    for q, tps in result.tokens_per_s.items():
+        click.echo(f"  {q:<8}{tps:>22.1f}{predicted[q]:>26.1f}")
+    click.echo(f"saved to {path}")
 
 
 @main.command()

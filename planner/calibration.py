@@ -1,0 +1,119 @@
+"""This CPU's embedding speed per quant, as `runner calibrate` measured it: the cache the planner reads.
+
+Kernel speed per quant type depends on the CPU (AVX2, AVX-512, VNNI, AMX, which K-quants llama.cpp
+repacks), so no fixed ranking is right everywhere: on one 2-core EPYC F16 was the fastest quant on the 8B
+layer shape, on another Q6_K was 1.9x faster than F16. A calibration is valid for one CPU model, its ISA
+flags, a thread count, a llama.cpp build and one layer shape (hidden, FFN, heads, KV heads); it times
+CALIBRATED_LAYERS layers, and a model's speed is predicted by scaling with its layer count (the layers are
+nearly all of the work).
+
+Pure: reads /proc/cpuinfo and package metadata, never loads llama.cpp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import platform
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from planner.shapes import ModelShape
+from quantize.files import models_home, write_text_atomic
+
+CALIBRATED_LAYERS = 2  # with 2 layers, Q4_K_M/Q5_K_M's "more bits" layers are 1 in 2, as in 32-layer models
+# The ISA features that pick llama.cpp's CPU kernels; other flags do not change which code runs.
+ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+             "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve", "i8mm")  # fmt: skip
+
+
+def cache_file() -> Path:
+    return models_home() / "calibration.json"
+
+
+def cpu_identity(threads: int) -> dict[str, object]:
+    """What a calibration is valid for: CPU model, its kernel-relevant ISA flags, threads, llama.cpp version."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first processor's
+    model = fields.get("model name") or platform.machine()
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    try:
+        version = metadata.version("llama_cpp_python")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return {
+        "cpu": model,
+        "isa": sorted(f for f in ISA_FLAGS if f in flags),
+        "threads": threads,
+        "llama_cpp_python": version,
+    }
+
+
+def layer_shape(shape: ModelShape) -> dict[str, int]:
+    return {"hidden": shape.hidden, "ffn": shape.ffn, "heads": shape.heads, "kv_heads": shape.kv_heads}
+
+
+def _entry_key(identity: dict, layer: dict) -> str:
+    return json.dumps({"machine": identity, "layer": layer}, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    identity: dict[str, object]
+    layer: dict[str, int]
+    layers: int  # how many layers were timed
+    tokens_per_s: dict[str, float]  # quant -> tokens/s over `layers` layers
+
+    def predict(self, shape: ModelShape) -> dict[str, float]:
+        """Tokens/s per quant for SHAPE's full depth: the same layers, scaled by how many there are."""
+        return {q: tps * self.layers / shape.layers for q, tps in self.tokens_per_s.items()}
+
+
+def load(shape: ModelShape, threads: int, path: Path | None = None) -> Calibration | None:
+    """The calibration for SHAPE's layer on this CPU at THREADS threads, or None when there is none."""
+    path = path or cache_file()
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    key = _entry_key(cpu_identity(threads), layer_shape(shape))
+    found = entries.get(key) if isinstance(entries, dict) else None
+    if not isinstance(found, dict) or not isinstance(found.get("tokens_per_s"), dict):
+        return None
+    speeds = {str(q): float(v) for q, v in found["tokens_per_s"].items() if isinstance(v, int | float) and v > 0}
+    return Calibration(cpu_identity(threads), layer_shape(shape), int(found.get("layers", CALIBRATED_LAYERS)), speeds)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def save(calibration: Calibration, path: Path | None = None) -> Path:
+    """Add CALIBRATION to the cache (read-modify-write under a lock, so concurrent runs keep each other's)."""
+    path = path or cache_file()
+    with _locked(path):
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, ValueError):
+            entries = {}
+        entries[_entry_key(calibration.identity, calibration.layer)] = {
+            "identity": calibration.identity,
+            "layer": calibration.layer,
+            "layers": calibration.layers,
+            "tokens_per_s": calibration.tokens_per_s,
+        }
+        write_text_atomic(path, json.dumps(entries, indent=2, sort_keys=True) + "\n")
+    return path

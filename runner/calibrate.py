@@ -1,0 +1,112 @@
+"""`runner calibrate`: time each quant's kernels on this CPU, on a model's own layer shape, and cache it.
+
+Writes a synthetic GGUF of CALIBRATED_LAYERS layers of the model's shape (random F16 weights written
+directly with gguf-py, the family class's own tensor layout, a 259-token vocabulary so the embedding
+table is tiny), quantizes it with llama.cpp's quantizer, then times the engine on full micro-batches of
+token ids for each quant: the median of REPEATS runs after a warm-up. Weights' values do not change
+kernel speed, and a model's speed scales with its layer count (planner/calibration.py predicts from it).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from planner.batching import MIN_TOKEN_BUDGET
+from planner.calibration import CALIBRATED_LAYERS, Calibration, cpu_identity, layer_shape
+from planner.shapes import ModelShape
+from quantize.architectures.llama import Llama
+from quantize.ladder import quantize
+from runner.engine import Engine, physical_cores
+
+# What the preferences choose among (F16 .. Q4_K_M); the rest can be asked for with --quants.
+DEFAULT_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M")
+SEQS = 4  # sequences per micro-batch, as packed texts of ~128 tokens
+VOCAB = 3 + 256  # <unk> <s> </s> and the 256 byte tokens: an SPM vocabulary llama.cpp loads
+
+
+def synthetic_gguf(path: Path, shape: ModelShape, layers: int = CALIBRATED_LAYERS) -> Path:
+    """An F16 llama-embed GGUF with SHAPE's layer (hidden, FFN, heads, KV heads), LAYERS deep, random weights."""
+    config = {
+        "architectures": ["LlamaModel"],
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 4096,
+    }
+    family = Llama(config, "calibration")
+    rng = np.random.default_rng(0)
+    block = (rng.standard_normal(1 << 16) * 0.02).astype(np.float16)  # tiled: speed does not care for values
+    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[family.gguf_arch])
+    w.add_name("calibration")
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    family.write_hparams(w)
+    w.add_pooling_type(gguf.PoolingType.MEAN)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))])
+    w.add_token_scores([0.0] * VOCAB)
+    w.add_token_types(
+        [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    )
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    for spec in family.tensor_specs():
+        n = int(np.prod(spec.shape))
+        if spec.type == gguf.GGMLQuantizationType.F32:
+            data = np.ones(spec.shape, dtype=np.float32)
+        else:
+            data = np.resize(block, n).reshape(spec.shape)
+        w.add_tensor(spec.name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def tokens_per_second(path: Path, threads: int, repeats: int) -> float:
+    """Median tokens/s of full micro-batches (SEQS sequences filling the smallest budget) on PATH."""
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(3, VOCAB, MIN_TOKEN_BUDGET // SEQS, dtype=np.int32) for _ in range(SEQS)]
+    with Engine(path, threads) as engine:
+        engine.embed_tokens(seqs)  # warm-up: context, page-in, repacking
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            engine.embed_tokens(seqs)
+            times.append(time.perf_counter() - start)
+    return sum(len(s) for s in seqs) / statistics.median(times)
+
+
+def calibrate(
+    shape: ModelShape,
+    quants: tuple[str, ...] = DEFAULT_QUANTS,
+    threads: int | None = None,
+    repeats: int = 2,
+    progress: Callable[[str], None] = lambda _: None,
+) -> Calibration:
+    """Tokens/s of each of QUANTS over CALIBRATED_LAYERS layers of SHAPE's layer on this CPU."""
+    threads = threads or physical_cores()
+    speeds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="calibrate-") as tmp:
+        progress(f"writing {CALIBRATED_LAYERS} layers of {shape.name}'s shape")
+        f16 = synthetic_gguf(Path(tmp) / "calibration-F16.gguf", shape)
+        for quant in quants:
+            if quant != "F16":
+                progress(f"quantizing {quant}")
+            path = f16 if quant == "F16" else quantize(f16, [quant], threads=threads)[0]
+            progress(f"timing {quant}")
+            speeds[quant] = tokens_per_second(path, threads, repeats)
+            if path != f16:
+                path.unlink()  # one quantized file at a time on disk
+    return Calibration(cpu_identity(threads), layer_shape(shape), CALIBRATED_LAYERS, speeds)

@@ -1,0 +1,97 @@
+"""CPU plans that know this CPU: the calibration cache, and --prefer fidelity|balanced|speed decisions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from planner import HardwareOptions, plan_for
+from planner.calibration import CALIBRATED_LAYERS, Calibration, cpu_identity, layer_shape, load, save
+from planner.hardware import Gpu, Hardware, with_overrides
+from planner.policy import plan
+from planner.shapes import resolve_shape
+from quantize.errors import BadInput
+from tests.conftest import run_cli
+
+GIB = 2**30
+# Tokens/s over 32 layers on three kinds of CPU, as a calibration would predict them.
+F16_FASTEST = {"F16": 4.7, "Q8_0": 2.8, "Q6_K": 4.0, "Q5_K_M": 3.4, "Q5_K_S": 3.5, "Q4_K_M": 3.1}  # our AVX2 EPYC
+Q6K_FASTEST = {"F16": 6.8, "Q8_0": 7.6, "Q6_K": 12.9, "Q5_K_M": 11.0, "Q5_K_S": 11.2, "Q4_K_M": 10.3}  # another
+Q4K_FASTEST = {"F16": 3.0, "Q8_0": 4.0, "Q6_K": 4.4, "Q5_K_M": 6.0, "Q5_K_S": 6.1, "Q4_K_M": 9.0}  # repacked Q4_K
+
+
+def cpu_machine(ram: float, vram: tuple[float, ...] = ()) -> Hardware:
+    gpus = tuple(Gpu(i, "test", int(v * GIB), int(v * GIB)) for i, v in enumerate(vram))
+    return with_overrides(Hardware(gpus, int(ram * GIB), int(ram * GIB), 8, True, "test"), reserve=GIB)
+
+
+@pytest.mark.parametrize(
+    "speeds,ram,prefer,quant",
+    [
+        (F16_FASTEST, 32, "balanced", "F16"),
+        (F16_FASTEST, 32, "speed", "F16"),
+        (F16_FASTEST, 16, "balanced", "Q6_K"),  # F16 does not fit: the faster of Q8_0 and Q6_K
+        (Q6K_FASTEST, 32, "balanced", "Q6_K"),
+        (Q6K_FASTEST, 32, "speed", "Q6_K"),
+        (Q6K_FASTEST, 32, "fidelity", "F16"),
+        (Q4K_FASTEST, 32, "balanced", "Q6_K"),  # Q4_K_M is faster but below 0.999 cosine
+        (Q4K_FASTEST, 32, "speed", "Q4_K_M"),
+        (Q4K_FASTEST, 10, "speed", "Q4_K_M"),
+        (Q4K_FASTEST, 10, "balanced", "Q5_K_M"),  # nothing at >= 0.999 fits: the most faithful that does
+        (Q4K_FASTEST, 8, "speed", "Q3_K_S"),  # nothing at Q4_K_M or above fits: the most faithful that does
+        (None, 32, "balanced", "F16"),  # no calibration: fidelity decides
+        (None, 32, "speed", "F16"),
+    ],
+)
+def test_cpu_decisions_follow_this_cpus_speeds(speeds, ram, prefer, quant) -> None:
+    p = plan(resolve_shape("llama-embed-nemotron-8b"), cpu_machine(ram), 4096, prefer=prefer, cpu_speeds=speeds)
+    assert (p.chosen.quant, p.device) == (quant, "cpu"), p.summary()
+    assert p.chosen.needs.ram <= p.hardware.ram_free
+    if speeds is None and prefer != "fidelity":
+        assert "runner calibrate" in p.reason
+    if speeds and p.chosen.quant in speeds:
+        assert p.chosen.cpu_tokens_per_s == speeds[p.chosen.quant]
+
+
+def test_gpu_plans_ignore_the_preference() -> None:
+    shape = resolve_shape("llama-embed-nemotron-8b")
+    for prefer in ("fidelity", "balanced", "speed"):
+        p = plan(shape, cpu_machine(32, vram=(24,)), 4096, prefer=prefer, cpu_speeds=Q4K_FASTEST)
+        assert (p.chosen.quant, p.device) == ("F16", "gpu")
+    with pytest.raises(BadInput, match="--prefer fast"):
+        plan(shape, cpu_machine(32), 4096, prefer="fast")
+
+
+def test_plan_for_reads_the_cache_and_scales_by_layers(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("EMBEDRUNNER_HOME", str(tmp_path))
+    shape = resolve_shape("llama-embed-nemotron-8b")
+    two_layers = {q: v * shape.layers / CALIBRATED_LAYERS for q, v in Q6K_FASTEST.items()}
+    save(Calibration(cpu_identity(8), layer_shape(shape), CALIBRATED_LAYERS, two_layers))
+    assert load(shape, threads=4) is None  # another thread count is another calibration
+    p = plan_for("llama-embed-nemotron-8b", options=HardwareOptions(ram="32GiB", cpu=True), hardware=cpu_machine(64))
+    assert p.chosen.quant == "Q6_K" and p.chosen.cpu_tokens_per_s == pytest.approx(12.9)
+    rows = {r["quant"]: r for r in p.as_json()["quants"]}
+    assert rows["Q8_0"]["cpu_tokens_per_s"] == pytest.approx(7.6) and rows["Q2_K"]["cpu_tokens_per_s"] is None
+    assert rows["Q6_K"]["expected_cosine_to_f16"] >= 0.999 and rows["Q5_K_S"]["expected_cosine_to_f16"] is None
+    # NV-Embed-v2's trunk has the same layer: the same calibration serves it.
+    nv = plan_for("nv-embed-v2", options=HardwareOptions(ram="32GiB", cpu=True), hardware=cpu_machine(64))
+    assert nv.chosen.quant == "Q6_K"
+
+
+def test_calibrate_command_measures_and_plan_shows_it(tmp_path) -> None:
+    """The real benchmark on a small layer shape (MiniLM's), into a private models home."""
+    env = {"EMBEDRUNNER_HOME": str(tmp_path)}
+    before = run_cli("plan", "-m", "all-minilm-l6-v2", "--cpu", env=env).stdout
+    assert "not measured on this machine" in before
+    out = run_cli("calibrate", "-m", "all-minilm-l6-v2", "--quants", "F16,Q8_0", "--repeats", "1", env=env).stdout
+    assert "F16" in out and "Q8_0" in out and str(tmp_path / "calibration.json") in out
+    entries = json.loads((tmp_path / "calibration.json").read_text())
+    (entry,) = entries.values()
+    assert set(entry["tokens_per_s"]) == {"F16", "Q8_0"} and all(v > 0 for v in entry["tokens_per_s"].values())
+    doc = json.loads(run_cli("plan", "-m", "all-minilm-l6-v2", "--cpu", "--json", env=env).stdout)
+    speeds = {r["quant"]: r["cpu_tokens_per_s"] for r in doc["quants"]}
+    assert speeds["F16"] > 0 and speeds["Q8_0"] > 0 and speeds["Q6_K"] is None
+    assert doc["chosen"]["quant"] in ("F16", "Q8_0") and doc["prefer"] == "balanced"
+    bad = run_cli("calibrate", "-m", "all-minilm-l6-v2", "--quants", "Q9", env=env, check=False)
+    assert bad.returncode == 1 and "--quants Q9: unknown quant" in bad.stderr
