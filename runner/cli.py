@@ -322,6 +322,65 @@ def calibrate(model: str, quants: str, repeats: int, threads: int | None) -> Non
     click.echo(f"saved to {path}")
 
 
+@main.command(name="embed-dataset")
+@click.argument("inputs", nargs=-1, required=True)
+@click.argument("output_dir")
+@click.option("-m", "--model", required=True, help="GGUF file, model directory, or models.toml name.")
+@click.option(
+    "--quant", default="auto", show_default=True, help="A quant, or auto (planned; see the hardware options)."
+)
+@click.option("--address", help="Ray cluster: auto (a running one), ray://HOST:PORT, or local (default: local).")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True, help="Ray actors, one model each.")
+@click.option("--gpus-per-worker", type=click.FloatRange(0), default=0, show_default=True, help="0: CPU workers.")
+@click.option("--column", default="text", show_default=True, help="Text column (parquet) or field (jsonl).")
+@click.option("--id-column", help="Column/field holding each row's id (default: the row's number in the input).")
+@click.option("--shard-rows", type=click.IntRange(1), default=10_000, show_default=True, help="Rows per output shard.")
+@click.option("--query/--document", default=False, help="Apply the model's query instruction (default: document).")
+@click.option("--task", help="Instruction for --query (default: the model's).")
+@click.option("--max-length", type=int, help="Truncate inputs to this many tokens (default: the model's).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+@hardware_options
+def embed_dataset_cmd(
+    inputs: tuple[str, ...],
+    output_dir: str,
+    model: str,
+    quant: str,
+    address: str | None,
+    workers: int,
+    gpus_per_worker: float,
+    column: str,
+    id_column: str | None,
+    shard_rows: int,
+    query: bool,
+    task: str | None,
+    max_length: int | None,
+    quiet: bool,
+    **hw_opts,
+) -> None:
+    """Embed INPUTS (parquet/jsonl/txt files, globs, object-store URIs) into parquet shards in OUTPUT_DIR with
+    Ray (extra `ray`); a rerun skips the shards already complete."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise BadInput("runner embed-dataset needs Ray Data: pip install 'llm-embed-runner[ray]'") from None
+    from runner.distributed import embed_dataset
+
+    s = embed_dataset(
+        list(inputs), output_dir, model, quant, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
+        column=column, id_column=id_column, shard_rows=shard_rows, query=query, task=task, max_length=max_length,
+        hardware=_hardware(hw_opts), progress=not quiet and sys.stderr.isatty(),
+    )  # fmt: skip
+    if not quiet:
+        skipped = f", {s.skipped_shards} already complete" if s.skipped_shards else ""
+        click.echo(
+            f"embedded {s.rows} rows into {s.shards} shards{skipped} in {s.seconds:.1f} s "
+            f"({s.rows / max(s.seconds, 1e-9):.0f} rows/s, {workers} workers) -> {output_dir}",
+            err=True,
+        )
+        if s.truncated:
+            click.echo(f"warning: truncated {s.truncated} input(s) (column `truncated` marks them)", err=True)
+
+
 @main.command()
 def models() -> None:
     """List the models.toml registry with the quants already on disk."""

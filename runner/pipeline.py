@@ -44,10 +44,15 @@ class Tokenized:
 
     seqs: list[np.ndarray] = field(default_factory=list)
     skips: list[int] = field(default_factory=list)  # leading positions left out of the mean (NV-Embed)
-    truncated: int = 0  # how many inputs were cut
+    cut: list[bool] = field(default_factory=list)  # which inputs were truncated
 
     def __len__(self) -> int:
         return len(self.seqs)
+
+    @property
+    def truncated(self) -> int:
+        """How many inputs were cut."""
+        return sum(self.cut)
 
     @property
     def tokens(self) -> int:
@@ -57,7 +62,7 @@ class Tokenized:
     def concat(parts: Sequence[Tokenized]) -> Tokenized:
         """One batch from several (requests of a server): rows keep their order, part after part."""
         return Tokenized(
-            [s for p in parts for s in p.seqs], [k for p in parts for k in p.skips], sum(p.truncated for p in parts)
+            [s for p in parts for s in p.seqs], [k for p in parts for k in p.skips], [c for p in parts for c in p.cut]
         )
 
 
@@ -149,13 +154,14 @@ class Pipeline:
     def _add(self, out: Tokenized, tokens: np.ndarray, skip: int, i: int, truncate: bool, keep_last: bool) -> None:
         """Append TOKENS to OUT, cut at max_length (or refused, naming input I, when TRUNCATE is False)."""
         limit = self.max_length
-        if len(tokens) > limit:
+        cut = len(tokens) > limit
+        if cut:
             if not truncate:
                 raise BadInput(
                     f"input {i}: {len(tokens)} tokens, over the limit of {limit}; shorten it, or allow truncation"
                 )
             tokens = np.concatenate([tokens[: limit - 1], tokens[-1:]]) if keep_last else tokens[:limit]
-            out.truncated += 1
+        out.cut.append(cut)
         out.seqs.append(tokens)
         out.skips.append(skip)
 
