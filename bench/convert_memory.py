@@ -165,6 +165,7 @@ def llama8b_ggufs(workdir: Path, layers: int, quants: list[str]) -> dict[str, Pa
 
     from quantize.convert import convert
     from quantize.ladder import quant_path, quantize
+    from quantize.progress import Progress
 
     ckpt = workdir / f"llama-8b-shape-{layers}l"
     if not (ckpt / "config.json").is_file():
@@ -175,7 +176,7 @@ def llama8b_ggufs(workdir: Path, layers: int, quants: list[str]) -> dict[str, Pa
         f16 = convert(str(ckpt), workdir / "gguf", "f16")
     missing = [q for q in quants if q != "F16" and not quant_path(f16, q).is_file()]
     if missing:
-        quantize(f16, missing, f16.parent, progress=progress)
+        quantize(f16, missing, f16.parent, progress=Progress(say=progress))
     return {q: f16 if q == "F16" else quant_path(f16, q) for q in quants}
 
 

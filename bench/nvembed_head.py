@@ -28,6 +28,7 @@ from bench.corpus import corpus
 from quantize.architectures.nvembed import HEAD, HEAD_TENSORS, NVEmbed
 from quantize.convert import convert, write_head
 from quantize.ladder import quant_path, quantize
+from quantize.progress import Progress
 from runner.engine import Engine
 from runner.latent_attention import LatentAttentionHead
 
@@ -50,7 +51,7 @@ def trunk_q8(workdir: Path, depth: int) -> Path:
         # Llama-3's tokenizer carries the vocabulary; the embedding lookup's size barely matters to speed.
         build_checkpoint(ckpt, Shape(depth, HIDDEN, FFN, 128256), "bf16", workdir)
     f16 = convert(str(ckpt), out, "f16")
-    (q8,) = quantize(f16, ["Q8_0"], out, progress=log)
+    (q8,) = quantize(f16, ["Q8_0"], out, progress=Progress(say=log))
     f16.unlink()
     return q8
 

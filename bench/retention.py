@@ -38,6 +38,7 @@ import numpy as np
 from bench.corpus import corpus
 from quantize.convert import convert
 from quantize.ladder import quant_path, quantize
+from quantize.progress import Progress
 from quantize.quants import LADDER
 from runner.engine import Engine
 from runner.pipeline import Pipeline
@@ -109,7 +110,7 @@ def quant_files(f16: Path, quants: list[str]) -> dict[str, Path]:
     """{quant: path}, quantizing only the files not already present."""
     missing = [q for q in quants if not quant_path(f16, q).is_file()]
     if missing:
-        quantize(f16, missing, f16.parent, progress=log)
+        quantize(f16, missing, f16.parent, progress=Progress(say=log))
     return {q: quant_path(f16, q) for q in quants}
 
 

@@ -11,10 +11,10 @@ GGUF sizes (quantize.sizes), the memory model (planner.memory), batching (planne
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from planner import calibration
+from planner import calibration, disk
 from planner.hardware import Hardware, parse_size, probe, with_overrides
 from planner.policy import Plan, max_length_for, plan
 from planner.shapes import file_quant, resolve_shape
@@ -44,7 +44,8 @@ def plan_for(
     """The plan for MODEL (registry name, HF directory, model directory or GGUF file) on this machine.
 
     HARDWARE replaces the probe (tests, other machines); OPTIONS are applied over it either way. A GGUF
-    file is one quant: only its placement is planned.
+    file is one quant: only its placement is planned. The plan's `disk` says what the run will write first
+    (download, F16, the chosen quant) and where; `plan.disk.check()` refuses a run that cannot fit.
     """
     shape = resolve_shape(model)
     if quant is None and Path(model).is_file():
@@ -56,7 +57,9 @@ def plan_for(
     length = max_length_for(max_length, entry.max_length if entry else shape.max_length, shape.context)
     measured = calibration.load(shape, hw.cores)
     speeds = measured.predict(shape) if measured else None
-    return plan(shape, hw, length, quant, options.max_quant, options.min_quant, options.prefer, speeds)
+    p = plan(shape, hw, length, quant, options.max_quant, options.min_quant, options.prefer, speeds)
+    # A GGUF file runs as it is; else the chosen quant may still need a download, a conversion and a quantization.
+    return replace(p, disk=disk.for_run(model, None if Path(model).is_file() else p.chosen.quant, shape))
 
 
 __all__ = ["HardwareOptions", "Plan", "plan", "plan_for"]

@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from planner.hardware import Hardware
 from planner.memory import Needs, Settings, needs
 from planner.shapes import ModelShape
 from quantize.errors import BadInput
 from quantize.quants import FIDELITY, RETENTION
+
+if TYPE_CHECKING:
+    from planner.disk import DiskPlan
 
 PREFERENCES = ("fidelity", "balanced", "speed")
 BALANCED_COSINE = 0.999  # --prefer balanced: the least expected cosine to F16
@@ -76,6 +80,7 @@ class Plan:
     chosen: Row
     reason: str
     prefer: str = "balanced"
+    disk: DiskPlan | None = None  # what the run will write (planner.disk); plan_for fills it in
 
     @property
     def device(self) -> str:
@@ -92,7 +97,7 @@ class Plan:
         return (
             f"plan: {self.shape.name} {c.quant}, {where.get(c.fits, 'CPU only')}, "
             f"GPU {c.needs.gpu_total / GIB:.1f} GiB, RAM {c.needs.ram / GIB:.1f} GiB, "
-            f"max length {self.settings.max_length} — {self.reason}"
+            f"max length {self.settings.max_length} — {self.reason}" + (f"; {self.disk.summary()}" if self.disk else "")
         )
 
     def as_json(self) -> dict:
@@ -106,6 +111,7 @@ class Plan:
             "reason": self.reason,
             "prefer": self.prefer,
             "quants": [r.as_json() for r in self.rows],
+            "disk": self.disk.as_json() if self.disk else None,
         }
 
 

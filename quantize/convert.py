@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from quantize.checkpoint import LazyTensor, open_checkpoint
 from quantize.errors import CorruptModelFile
 from quantize.files import atomic_path, models_home, sha256
 from quantize.manifest import read_metadata, record
+from quantize.progress import SILENT, Progress, rate, size
 from quantize.registry import ModelEntry
 from quantize.source import Source, read_config, resolve, source_files
+from quantize.store import quant_path
 from quantize.vocab import add_vocab
 
 OUTTYPES = {
@@ -58,22 +61,25 @@ def convert(
     outtype: str = "f16",
     revision: str | None = None,
     as_embedder: bool = False,
+    progress: Progress = SILENT,
 ) -> Path:
     """Convert SOURCE (HF dir, registry name or hub repo id) and return the GGUF path.
 
     A file already made from the same source files, registry entry and converter version is reused.
+    PROGRESS shows the download, the tensors written and the manifest's sha256, and sums each step up.
     """
-    src = resolve(source, revision)
+    src = resolve(source, revision, progress)
     config = read_config(src.path)
     entry = src.entry
     family = for_config(config, embedder=as_embedder or bool(entry and entry.embedder), where=source)
-    name = entry.name if entry else (src.repo or src.path.name).split("/")[-1]
-    outdir = Path(outdir) if outdir else models_home() / name
+    name, path = output_name(src), output_path(src, outdir, outtype)
+    outdir = path.parent
     outdir.mkdir(parents=True, exist_ok=True)
-    path = outdir / f"{name}-{outtype.upper()}.gguf"
     stamp = source_stamp(src, outtype, as_embedder)
     if is_current(path, stamp):
+        progress.say(f"convert: {path.name} reused (made from this unchanged source), {size(path.stat().st_size)}")
         return path
+    started = time.perf_counter()
     tensors = open_checkpoint(src.path)
     extra: dict[str, object] = {gguf_keys.SOURCE_STAMP: stamp}
     head = family.head_tensors(lambda n: tensors[n].load() if n in tensors else None)
@@ -81,9 +87,31 @@ def convert(
         head_path = write_head(family, head, outdir / f"{name}.head.gguf")
         record(head_path, "head")
         extra |= {gguf_keys.HEAD_FILE: head_path.name, gguf_keys.HEAD_SHA256: sha256(head_path)}
-    write_gguf(path, family, tensors, src, name, outtype, extra)
-    record(path, outtype.upper())
+    count = write_gguf(path, family, tensors, src, name, outtype, extra, progress)
+    record(path, outtype.upper(), progress)
+    seconds, written = time.perf_counter() - started, path.stat().st_size
+    progress.say(
+        f"convert: {path.name}, {count} tensors, {size(written)} in {seconds:.1f} s ({rate(written, seconds)})"
+    )
     return path
+
+
+def made_from(src: Source, quant: str) -> Path | None:
+    """QUANT's file in SRC's model directory when it was made from this very source (the F16's stamp travels
+    into every quant): a run can take it without converting again, even after --no-keep-f16 removed the F16."""
+    path = quant_path(output_path(src, None, "f16"), quant.upper())
+    return path if is_current(path, source_stamp(src, "f16", False)) else None
+
+
+def output_name(src: Source) -> str:
+    """The model's name: its registry name, else the repo's or directory's last part."""
+    return src.entry.name if src.entry else (src.repo or src.path.name).split("/")[-1]
+
+
+def output_path(src: Source, outdir: Path | None, outtype: str) -> Path:
+    """Where `convert` writes SRC: `<outdir or models home/<name>>/<name>-<OUTTYPE>.gguf`."""
+    name = output_name(src)
+    return (Path(outdir) if outdir else models_home() / name) / f"{name}-{outtype.upper()}.gguf"
 
 
 def source_stamp(src: Source, outtype: str, as_embedder: bool) -> str:
@@ -132,24 +160,30 @@ def write_gguf(
     name: str,
     outtype: str,
     extra: dict[str, object] | None = None,
-) -> None:
+    progress: Progress = SILENT,
+) -> int:
+    """Write the GGUF (header, then each tensor loaded, transformed and encoded in turn); returns the tensor
+    count. PROGRESS's bar counts the bytes written, so its rate and ETA hold for the big 8B tensors too."""
     ftype, qtype = OUTTYPES[outtype]
     plan = _plan(arch, tensors, qtype)
-    with atomic_path(path) as tmp:
+    sizes = [_nbytes(t.shape, t.qtype) for t in plan]
+    with atomic_path(path) as tmp, progress.bar(f"convert {path.name}", sum(sizes)) as bar:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
         _write_metadata(w, arch, src, name, ftype, extra or {})
         add_vocab(w, src.path, arch.vocab_size)
-        for t in plan:
-            nbytes = _nbytes(t.shape, t.qtype)
+        for t, nbytes in zip(plan, sizes, strict=True):
             w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=t.qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for t in plan:
+        for i, (t, nbytes) in enumerate(zip(plan, sizes, strict=True), 1):
             data = t.source.load() if isinstance(t.source, LazyTensor) else t.source
             w.write_tensor_data(_encode(arch.transform(t.name, data), t.qtype))
             del data
+            bar.set_postfix_str(f"{i}/{len(plan)} tensors", refresh=False)
+            bar.update(nbytes)
         w.close()
+    return len(plan)
 
 
 def _plan(arch: Family, tensors: dict[str, LazyTensor], qtype: gguf.GGMLQuantizationType) -> list[_Planned]:

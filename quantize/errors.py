@@ -29,5 +29,9 @@ class EngineError(UserError):
     pass
 
 
+class NotEnoughDisk(UserError):
+    """The filesystem a run writes to cannot hold what it would write: refused before the first byte."""
+
+
 class OutOfMemory(EngineError):
     """llama.cpp could not allocate a model or context: the one failure worth retrying with fewer GPU layers."""

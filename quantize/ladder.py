@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import llama_cpp
+from tqdm import tqdm
 
 from quantize import gguf_keys, llamacpp
 from quantize.errors import BadInput, EngineError
 from quantize.files import atomic_path
 from quantize.manifest import read_metadata, record
-from quantize.quants import LADDER, UNQUANTIZED
+from quantize.progress import SILENT, Progress, size
+from quantize.quants import LADDER
+from quantize.sizes import nbytes, read_tensors
+from quantize.store import quant_path
 
-
-def quant_path(source: Path, quant: str, outdir: Path | None = None) -> Path:
-    """`<stem>-<QUANT>.gguf`, where the stem drops a trailing -F16/-F32/-BF16 of the source."""
-    stem = source.stem
-    for tag in UNQUANTIZED:
-        stem = stem.removesuffix(f"-{tag}")
-    return (outdir or source.parent) / f"{stem}-{quant}.gguf"
+_TENSOR_LINE = re.compile(r"\[\s*(?P<i>\d+)/\s*(?P<n>\d+)\]\s+(?P<name>\S+)")
 
 
 def quantize(
@@ -30,9 +30,13 @@ def quantize(
     quants: list[str],
     outdir: Path | None = None,
     threads: int | None = None,
-    progress: Callable[[str], None] = lambda _: None,
+    progress: Progress = SILENT,
 ) -> list[Path]:
-    """Quantize SOURCE (an F16/F32/BF16 GGUF) to each of QUANTS; returns the files written."""
+    """Quantize SOURCE (an F16/F32/BF16 GGUF) to each of QUANTS; returns the files written.
+
+    PROGRESS gets a bar per quant (llama.cpp's per-tensor log lines, weighted by each tensor's bytes) and one
+    summary line per file.
+    """
     unknown = [q for q in quants if q not in LADDER]
     if unknown:
         raise BadInput(f"unknown quant {', '.join(unknown)}; choose from {', '.join(LADDER)}")
@@ -42,21 +46,43 @@ def quantize(
     outdir.mkdir(parents=True, exist_ok=True)
     if head := meta.get(gguf_keys.HEAD_FILE):  # NV-Embed: each quant needs the pooling head beside it
         _copy_head(source.parent / str(head), outdir / str(head))
+    tensors = {t.name: nbytes(t.type, t.shape) for t in read_tensors(source)[0]}
     written = []
     for i, quant in enumerate(quants, 1):
         dest = quant_path(source, quant, outdir)
-        progress(f"[{i}/{len(quants)}] {quant}: {source.name} -> {dest.name}")
+        started = time.perf_counter()
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
         params.nthread = threads or os.cpu_count() or 1
-        with atomic_path(dest) as tmp:
+        with (
+            atomic_path(dest) as tmp,
+            progress.bar(f"quantize {quant}", sum(tensors.values())) as bar,
+            llamacpp.listening(_tensor_bar(bar, tensors)),
+        ):
             rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
             if rc != 0:
                 raise EngineError(f"{source}: llama.cpp could not quantize to {quant} ({llamacpp.last_error()})")
-        record(dest, quant)
-        progress(f"[{i}/{len(quants)}] {quant}: {dest.stat().st_size / 2**20:.1f} MiB")
+        record(dest, quant, progress)
+        seconds = time.perf_counter() - started
+        step = f" [{i}/{len(quants)}]" if len(quants) > 1 else ""
+        progress.say(f"quantize{step}: {dest.name}, {size(dest.stat().st_size)} in {seconds:.1f} s")
         written.append(dest)
     return written
+
+
+def _tensor_bar(bar: tqdm, tensors: dict[str, int]) -> Callable[[str], None]:
+    """llama.cpp's quantizer logs `[  12/ 291] blk.0.ffn_up.weight - [...], type = f16, ` as it starts a tensor
+    and `size = ...` when it is done: advance BAR by that tensor's bytes in the source file."""
+    current: list[str] = []
+
+    def on_log(text: str) -> None:
+        if m := _TENSOR_LINE.match(text):
+            current[:] = [m["name"]]
+            bar.set_postfix_str(f"{m['i']}/{m['n']} tensors", refresh=False)
+        elif text.startswith("size =") and current:
+            bar.update(tensors.get(current.pop(), 0))
+
+    return on_log
 
 
 def _copy_head(src: Path, dest: Path) -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+from collections.abc import Callable, Iterator
 
 import llama_cpp
 
+_LOG_LEVEL_INFO = 2
 _LOG_LEVEL_WARN = 3
 _log_lines: list[str] = []
 _buffer_lines: list[str] = []
+_listeners: list[Callable[[str], None]] = []
 
 
 @llama_cpp.llama_log_callback
@@ -21,6 +25,18 @@ def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     elif b"buffer size =" in text:  # what each context allocates, for checking runner/memory.py
         _buffer_lines.append(text.decode("utf-8", "replace").strip())
         del _buffer_lines[:-50]
+    elif level == _LOG_LEVEL_INFO and _listeners:  # the quantizer's per-tensor lines, for its progress bar
+        _listeners[-1](text.decode("utf-8", "replace"))
+
+
+@contextlib.contextmanager
+def listening(callback: Callable[[str], None]) -> Iterator[None]:
+    """Hand llama.cpp's info messages (fragments, as logged) to CALLBACK while the block runs."""
+    _listeners.append(callback)
+    try:
+        yield
+    finally:
+        _listeners.remove(callback)
 
 
 @functools.cache

@@ -15,6 +15,7 @@ from quantize import CONVERTER_VERSION, gguf_keys
 from quantize.errors import BadInput, CorruptModelFile
 from quantize.files import sha256, write_text_atomic
 from quantize.gguf_header import read_header
+from quantize.progress import SILENT, Progress
 
 MANIFEST = "manifest.json"
 
@@ -40,13 +41,15 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def record(path: Path, quant: str) -> None:
+def record(path: Path, quant: str, progress: Progress = SILENT) -> None:
     """Add PATH to its directory's manifest.json: quant, bytes, sha256, source and converter version."""
     meta = read_metadata(path)
+    with progress.bar(f"sha256 {path.name}", path.stat().st_size) as bar:
+        digest = sha256(path, bar.update)
     entry = {
         "quant": quant,
         "bytes": path.stat().st_size,
-        "sha256": sha256(path),
+        "sha256": digest,
         "source_repo": meta.get(gguf_keys.SOURCE_REPO),
         "source_revision": meta.get(gguf_keys.SOURCE_REVISION),
         "converter_version": meta.get(gguf_keys.CONVERTER_VERSION, CONVERTER_VERSION),
@@ -57,3 +60,18 @@ def record(path: Path, quant: str) -> None:
         manifest["files"][path.name] = entry
         manifest["files"] = dict(sorted(manifest["files"].items()))
         write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+
+
+def forget(directory: Path, names: list[str]) -> None:
+    """Drop NAMES (files removed from DIRECTORY) from its manifest.json; the manifest goes with its last entry."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return
+    with _locked(directory):  # read-modify-write under the lock, as record does
+        manifest = json.loads(manifest_path.read_text())
+        for name in names:
+            manifest.get("files", {}).pop(name, None)
+        if manifest.get("files"):
+            write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+        else:
+            manifest_path.unlink()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from quantize.errors import BadInput, ModelNotFound
+from quantize.progress import SILENT, Progress, size
 from quantize.registry import ModelEntry, load_registry
 
 # Weights as safetensors only (never pickles), the config, and tokenizer files; never code.
@@ -38,7 +40,7 @@ class Source:
     entry: ModelEntry | None = None
 
 
-def resolve(source: str, revision: str | None = None) -> Source:
+def resolve(source: str, revision: str | None = None, progress: Progress = SILENT) -> Source:
     """Find the HF directory for SOURCE; downloads from the hub only for repo ids and registry names."""
     path = Path(source).expanduser()
     if path.exists():
@@ -53,10 +55,10 @@ def resolve(source: str, revision: str | None = None) -> Source:
         if entry.package:
             return Source(path=package_dir(entry.package), repo=entry.repo, revision=entry.revision, entry=entry)
         rev = revision or entry.revision
-        path = download(entry.repo, rev)
+        path = download(entry.repo, rev, progress)
         return Source(path=path, repo=entry.repo, revision=_commit(path) or rev, entry=entry)
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        path = download(source, revision)
+        path = download(source, revision, progress)
         return Source(path=path, repo=source, revision=_commit(path) or revision or "main")
     names = ", ".join(sorted(registry)) or "none"
     raise ModelNotFound(f"{source}: no such directory, registry name ({names}) or hub repo id (owner/name)")
@@ -74,8 +76,11 @@ def package_dir(package: str) -> Path:
     return found[0]
 
 
-def download(repo: str, revision: str | None) -> Path:
-    """snapshot_download restricted to safe files; honours HF_HOME, HF_HUB_OFFLINE and HF_TOKEN."""
+def download(repo: str, revision: str | None, progress: Progress = SILENT) -> Path:
+    """snapshot_download restricted to safe files; honours HF_HOME, HF_HUB_OFFLINE and HF_TOKEN.
+
+    The hub's own bars show when PROGRESS has bars (a terminal), and never in a pipe or with -q.
+    """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -83,9 +88,14 @@ def download(repo: str, revision: str | None) -> Path:
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
+    hide = not progress.bars and not are_progress_bars_disabled()
+    if hide:
+        disable_progress_bars()
+    started = time.perf_counter()
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS))
+        path = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS))
     except GatedRepoError:
         raise ModelNotFound(f"{repo}: gated on the hub; accept its licence there and run `hf auth login`") from None
     except RepositoryNotFoundError:
@@ -99,6 +109,49 @@ def download(repo: str, revision: str | None) -> Path:
         ) from None
     except OSError as e:
         raise ModelNotFound(f"{repo}: download failed ({e}); check the network or pass a local directory") from None
+    finally:
+        if hide:
+            enable_progress_bars()
+    files = source_files(path)
+    total = sum(f.stat().st_size for f in files)
+    progress.say(f"download: {repo}, {len(files)} files, {size(total)} in {time.perf_counter() - started:.1f} s")
+    return path
+
+
+@dataclass(frozen=True)
+class HubFile:
+    name: str
+    bytes: int
+    cached: bool  # already complete in the local Hugging Face cache
+
+
+def hub_listing(repo: str, revision: str | None) -> list[HubFile] | None:
+    """The files `download` would fetch, with their sizes, from the hub's listing (snapshot_download's dry run,
+    so the same patterns and cache); None when the hub cannot be reached (HF_HUB_OFFLINE, no network, gated)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        infos = snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS, dry_run=True)
+    except (OSError, ValueError):  # the hub's errors (DryRunError, HTTP, not found) are OSErrors; bad ids ValueError
+        return None
+    return [HubFile(i.filename, i.file_size or 0, i.is_cached) for i in infos]
+
+
+def cached_snapshot(repo: str, revision: str | None) -> Path | None:
+    """The complete snapshot of REPO already in the local Hugging Face cache, else None; never goes online."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except (OSError, ValueError):  # not cached, or incomplete (IncompleteSnapshotError is an OSError)
+        return None
+
+
+def hub_cache() -> Path:
+    """Where `download` puts snapshots: HF_HUB_CACHE, else $HF_HOME/hub."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
 
 
 def source_files(path: Path) -> list[Path]:

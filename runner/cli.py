@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from quantize.errors import BadInput, UserError
-from quantize.quants import LADDER
+from quantize.quants import LADDER, PREFERENCE
 
 
 class _OneLine(logging.Formatter):
@@ -61,16 +61,26 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option(
     "--as-embedder", is_flag=True, help="Run a causal-LM checkpoint as a bidirectional mean-pooling embedder."
 )
-def convert(source: str, outdir: Path | None, outtype: str, revision: str | None, as_embedder: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars, no summary lines.")
+def convert(
+    source: str, outdir: Path | None, outtype: str, revision: str | None, as_embedder: bool, quiet: bool
+) -> None:
     """Convert SOURCE (HF directory, models.toml name, or hub repo id) to one GGUF; prints its path.
 
-    A file already converted from the same, unchanged source is reused.
+    A file already converted from the same, unchanged source is reused. Refused before the download when the
+    disk cannot hold the download and the GGUF (`runner plan` shows both).
     """
+    from planner.disk import for_convert
     from quantize import gguf_keys
     from quantize.convert import convert as run_convert
     from quantize.manifest import read_metadata
+    from quantize.progress import Progress
 
-    path = run_convert(source, outdir=outdir, outtype=outtype, revision=revision, as_embedder=as_embedder)
+    for_convert(source, outdir, outtype, revision, as_embedder).check()
+    path = run_convert(
+        source, outdir=outdir, outtype=outtype, revision=revision, as_embedder=as_embedder,
+        progress=Progress.stderr(quiet),
+    )  # fmt: skip
     meta = read_metadata(path)
     if note := meta.get(gguf_keys.LICENSE_NOTE):
         click.echo(f"licence: {note}", err=True)
@@ -83,18 +93,21 @@ def convert(source: str, outdir: Path | None, outtype: str, revision: str | None
 @click.option("--all", "all_quants", is_flag=True, help="The whole ladder: " + ", ".join(LADDER))
 @click.option("--outdir", type=click.Path(file_okay=False, path_type=Path), help="Default: next to GGUF_FILE.")
 @click.option("--threads", type=int, help="Default: all cores.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars, no summary lines.")
 def quantize(
-    gguf_file: Path, quants: tuple[str, ...], all_quants: bool, outdir: Path | None, threads: int | None
+    gguf_file: Path, quants: tuple[str, ...], all_quants: bool, outdir: Path | None, threads: int | None, quiet: bool
 ) -> None:
     """Quantize an F16/F32/BF16 GGUF with llama.cpp's quantizer; writes <stem>-<QUANT>.gguf + manifest.json."""
+    from planner.disk import for_quantize
     from quantize.ladder import quantize as run_quantize
+    from quantize.progress import Progress
 
     chosen = LADDER if all_quants else [q.upper() for q in quants]
     if not chosen:
         raise BadInput("no quant chosen; pass --quant Q8_0 (repeatable) or --all")
-    for path in run_quantize(
-        gguf_file, chosen, outdir=outdir, threads=threads, progress=lambda m: click.echo(m, err=True)
-    ):
+    if gguf_file.is_file():  # a missing file gets the quantizer's own one-line error
+        for_quantize(gguf_file, chosen, outdir).check()
+    for path in run_quantize(gguf_file, chosen, outdir=outdir, threads=threads, progress=Progress.stderr(quiet)):
         click.echo(str(path))
 
 
@@ -164,6 +177,19 @@ def plan_cmd(model: str, quant: str | None, max_length: int | None, as_json: boo
     if not any(r.cpu_tokens_per_s for r in p.rows):
         click.echo("CPU tok/s: not measured on this machine; `runner calibrate -m MODEL` measures it (~2 minutes).")
     click.echo(f"chosen: {p.chosen.quant} on {p.device} — {p.reason}.")
+    if p.disk and p.disk.items:
+        _show_disk(p.disk)
+
+
+def _show_disk(disk) -> None:
+    """`runner plan`'s disk table: each thing the run needs, its size, whether it is there, and where."""
+    from quantize.progress import size
+
+    click.echo(f"{disk.summary()}:")
+    for i in disk.items:
+        state = "on disk" if not i.needs else ("to write" if not i.have else f"{size(i.have)} cached")
+        note = f"  ({disk.download_from})" if i.what == "download" else ("" if i.exact else "  (estimated)")
+        click.echo(f"  {i.what:<9}{size(i.bytes):>11}  {state:<10}{i.path}{note}")
 
 
 @main.command()
@@ -192,6 +218,13 @@ def plan_cmd(model: str, quant: str | None, max_length: int | None, as_json: boo
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @click.option("--chunk-size", type=int, default=2048, show_default=True, help="Texts per part written to disk.")
 @click.option("--auto-quant", is_flag=True, help="Pick the quant and GPU layers for this machine (runner plan).")
+@click.option(
+    "--keep-f16/--no-keep-f16",
+    default=True,
+    show_default=True,
+    help="Keep the F16 GGUF a missing quant is made from: the source of every other quant (2 bytes a parameter, "
+    "14 GiB for an 8B model).",
+)
 @hardware_options
 def embed(
     texts: tuple[str, ...],
@@ -213,6 +246,7 @@ def embed(
     quiet: bool,
     chunk_size: int,
     auto_quant: bool,
+    keep_f16: bool,
     **hw_opts,
 ) -> None:
     """Embed TEXTS (or --input) with a GGUF embedder."""
@@ -221,6 +255,7 @@ def embed(
 
     from tqdm import tqdm
 
+    from quantize.progress import Progress
     from runner.io import VectorSink, count_lines, output_format, read_texts, run_key
     from runner.pipeline import Stats, open_pipeline
 
@@ -242,7 +277,7 @@ def embed(
 
     pipeline = open_pipeline(
         model, quant, auto_quant=auto_quant, max_length=max_length, threads=threads,
-        hardware=_hardware(hw_opts), on_plan=show_plan,
+        hardware=_hardware(hw_opts), on_plan=show_plan, keep_f16=keep_f16, progress=Progress.stderr(quiet),
     )  # fmt: skip
     options = dict(query=query, task=task, normalize=normalize, max_length=pipeline.max_length, fmt=fmt, dtype=dtype)
     with pipeline:
@@ -382,12 +417,23 @@ def embed_dataset_cmd(
 
 
 @main.command()
-def models() -> None:
+@click.option(
+    "--prune", is_flag=True, help="First remove what no run will use: temp files of killed runs, quants of an older "
+    "conversion than the F16 beside them, pooling heads no model uses.",
+)  # fmt: skip
+def models(prune: bool) -> None:
     """List the models.toml registry with the quants already on disk."""
     from quantize.files import models_home
+    from quantize.progress import size
     from quantize.registry import load_registry
+    from quantize.store import prune as run_prune
     from runner.model import on_disk
 
+    if prune:
+        removed = run_prune(models_home())
+        for r in removed:
+            click.echo(f"pruned {r.path} ({size(r.bytes)}): {r.why}")
+        click.echo(f"pruned {len(removed)} file(s), freed {size(sum(r.bytes for r in removed))}")
     for name, entry in load_registry().items():
         files = on_disk(models_home() / name)
         have = ", ".join(f"{q} {p.stat().st_size / 2**30:.2f} GiB" for q, p in files.items()) or "not converted"
@@ -395,3 +441,44 @@ def models() -> None:
         click.echo(f"    source: {entry.package or entry.repo}  on disk: {have}")
         if entry.license_note:
             click.echo(f"    {entry.license_note}")
+    # Converted checkpoints (-m HF_DIR, hub repo ids) live beside the registry's models: `runner rm` takes them too.
+    home = models_home()
+    registry = load_registry()
+    for d in sorted(p for p in home.iterdir() if p.is_dir() and p.name not in registry) if home.is_dir() else []:
+        if files := on_disk(d):
+            have = ", ".join(f"{q} {size(p.stat().st_size)}" for q, p in files.items())
+            click.echo(f"{d.name}  (converted checkpoint)\n    on disk: {have}")
+
+
+@main.command(name="rm")
+@click.argument("model")
+@click.option(
+    "--quant", "quants", multiple=True, type=click.Choice(PREFERENCE, case_sensitive=False),
+    help="Remove only this quant's file (repeatable; F16 too). Default: every file of the model.",
+)  # fmt: skip
+def rm_cmd(model: str, quants: tuple[str, ...]) -> None:
+    """Remove MODEL's GGUF files and update its manifest.json; MODEL: a name under the models home (a registry
+    name, or a converted checkpoint's) or a model directory holding a manifest.json."""
+    from quantize.errors import ModelNotFound
+    from quantize.files import models_home
+    from quantize.manifest import MANIFEST
+    from quantize.progress import size
+    from quantize.registry import load_registry
+    from quantize.source import cached_snapshot, source_files
+    from quantize.store import remove
+
+    directory = models_home() / model
+    if not directory.is_dir() and Path(model).expanduser().is_dir():
+        directory = Path(model).expanduser()
+        if not (directory / MANIFEST).is_file():  # never sweep *.gguf out of a directory we did not make
+            raise ModelNotFound(f"{model}: no {MANIFEST} here, so not a model directory this tool made; remove by hand")
+    if not any(directory.glob("*.gguf")):
+        raise ModelNotFound(f"{model}: no model files in {directory}; `runner models` lists what is on disk")
+    removed = remove(directory, [q.upper() for q in quants] or None)
+    for r in removed:
+        click.echo(f"removed {r.path} ({size(r.bytes)})")
+    click.echo(f"freed {size(sum(r.bytes for r in removed))}")
+    entry = load_registry().get(model)
+    if not quants and entry and entry.repo and not entry.package and (snap := cached_snapshot(entry.repo, None)):
+        held = sum(f.stat().st_size for f in source_files(snap))
+        click.echo(f"the download ({size(held)}) stays in the Hugging Face cache: `hf cache rm model/{entry.repo}`")

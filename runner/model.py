@@ -6,13 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantize import gguf_keys
-from quantize.convert import convert
+from quantize.convert import convert, made_from
 from quantize.errors import BadInput, ModelNotFound
 from quantize.files import models_home
 from quantize.ladder import quantize
 from quantize.manifest import read_metadata
-from quantize.quants import LADDER, PREFERENCE, UNQUANTIZED
+from quantize.progress import SILENT, Progress, size
+from quantize.quants import LADDER, PREFERENCE
 from quantize.registry import ModelEntry, load_registry
+from quantize.source import resolve
+from quantize.store import base_file, on_disk, remove, serves, usable
 
 
 @dataclass(frozen=True)
@@ -58,11 +61,15 @@ class ResolvedModel:
         return ResolvedModel(Path(path), prompts or Prompts.plain(), None, None, Path(path).stem)
 
 
-def resolve_model(model: str, quant: str | None = None) -> ResolvedModel:
+def resolve_model(
+    model: str, quant: str | None = None, keep_f16: bool = True, progress: Progress = SILENT
+) -> ResolvedModel:
     """MODEL is a .gguf file, a directory of GGUFs or an HF checkpoint, or a models.toml name.
 
     An HF checkpoint is converted once and reused while its files are unchanged; a missing quant is made
-    from the F16 file.
+    from the F16 file, which is then kept (the source of every other quant) unless KEEP_F16 is False.
+    PROGRESS shows each step that runs (download, conversion, quantization); planner.disk.for_run says
+    beforehand what they will write.
     """
     path = Path(model).expanduser()
     entry: ModelEntry | None = None
@@ -71,7 +78,10 @@ def resolve_model(model: str, quant: str | None = None) -> ResolvedModel:
             raise BadInput(f"{model}: --quant picks a file inside a model directory; pass the directory instead")
         gguf_path = path
     elif path.is_dir():
-        gguf_path = _pick(path, quant) if not (path / "config.json").is_file() else _from_checkpoint(model, quant)
+        if (path / "config.json").is_file():
+            gguf_path = _from_checkpoint(model, quant, keep_f16, progress)
+        else:
+            gguf_path = _pick(path, quant, keep_f16, progress)
     else:
         registry = load_registry()
         if model not in registry:
@@ -80,7 +90,11 @@ def resolve_model(model: str, quant: str | None = None) -> ResolvedModel:
             )
         entry = registry[model]
         home = models_home() / model
-        gguf_path = _pick(home, quant) if on_disk(home) else _from_checkpoint(model, quant)
+        # What is on disk serves, unless neither the quant nor an F16 to make it from is there (--no-keep-f16).
+        if serves(on_disk(home), quant):
+            gguf_path = _pick(home, quant, keep_f16, progress)
+        else:
+            gguf_path = _from_checkpoint(model, quant, keep_f16, progress)
     meta = read_metadata(gguf_path)
     prompts = Prompts(
         query=str(meta.get(gguf_keys.QUERY_PROMPT) or (entry.query_prompt if entry else "{text}")),
@@ -93,17 +107,7 @@ def resolve_model(model: str, quant: str | None = None) -> ResolvedModel:
     return ResolvedModel(gguf_path, prompts, int(max_length) if max_length else None, note, name)
 
 
-def on_disk(directory: Path) -> dict[str, Path]:
-    """{QUANT: path} for `<stem>-<QUANT>.gguf` files in DIRECTORY."""
-    found = {}
-    for p in sorted(directory.glob("*.gguf")) if directory.is_dir() else []:
-        tag = p.stem.rsplit("-", 1)[-1].upper()
-        if tag in PREFERENCE:
-            found.setdefault(tag, p)
-    return found
-
-
-def _pick(directory: Path, quant: str | None) -> Path:
+def _pick(directory: Path, quant: str | None, keep_f16: bool = True, progress: Progress = SILENT) -> Path:
     """QUANT's file in DIRECTORY (default: the highest fidelity there), made from the F16 when missing or
     when it was made from an older conversion than the F16 beside it."""
     files = on_disk(directory)
@@ -112,18 +116,27 @@ def _pick(directory: Path, quant: str | None) -> Path:
     if quant is None:
         return files[min(files, key=PREFERENCE.index)]
     quant = quant.upper()
-    base = next((files[q] for q in UNQUANTIZED if q in files), None)
-    if quant in files and (base is None or quant in UNQUANTIZED or _stamp(files[quant]) == _stamp(base)):
-        return files[quant]
+    if (path := usable(files, quant)) is not None:
+        return path
+    base = base_file(files)
     if base is None or quant not in LADDER:
         raise ModelNotFound(f"{directory}: no {quant} file and nothing to make it from; have {', '.join(files)}")
-    return quantize(base, [quant])[0]
+    made = quantize(base, [quant], progress=progress)[0]
+    held = size(base.stat().st_size)
+    if keep_f16:
+        name = directory.name if directory.parent == models_home() else str(directory)
+        progress.say(
+            f"kept {base.name} ({held}), the source of every other quant; free it with --no-keep-f16 next time "
+            f"or `runner rm {name} --quant {base.stem.rsplit('-', 1)[-1]}`"
+        )
+    else:
+        remove(directory, [base.stem.rsplit("-", 1)[-1].upper()])
+        progress.say(f"removed {base.name} ({held}, --no-keep-f16); another quant will need a new conversion")
+    return made
 
 
-def _stamp(path: Path) -> object:
-    return read_metadata(path).get(gguf_keys.SOURCE_STAMP)
-
-
-def _from_checkpoint(source: str, quant: str | None) -> Path:
-    f16 = convert(source)  # reused when this source was converted before and has not changed
-    return _pick(f16.parent, quant or "F16")
+def _from_checkpoint(source: str, quant: str | None, keep_f16: bool = True, progress: Progress = SILENT) -> Path:
+    if quant and Path(source).expanduser().is_dir() and (done := made_from(resolve(source), quant)) is not None:
+        return done  # a local checkpoint's quant made from these very files (its F16 may be gone: --no-keep-f16)
+    f16 = convert(source, progress=progress)  # reused when this source was converted before and has not changed
+    return _pick(f16.parent, quant or "F16", keep_f16, progress)

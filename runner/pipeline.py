@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from planner import HardwareOptions, Plan, plan_for
+from planner import HardwareOptions, Plan, disk, plan_for
 from planner.batching import MIN_TOKEN_BUDGET
 from planner.policy import max_length_for
 from quantize import gguf_keys
 from quantize.errors import BadInput
+from quantize.progress import SILENT, Progress
 from runner.engine import Engine, open_engine
 from runner.model import ResolvedModel, resolve_model
 
@@ -250,12 +251,16 @@ def open_pipeline(
     threads: int | None = None,
     hardware: HardwareOptions | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    keep_f16: bool = True,
+    progress: Progress = SILENT,
 ) -> Pipeline:
     """MODEL (GGUF file, model directory, HF checkpoint directory or registry name) loaded and ready.
 
     AUTO_QUANT plans the quant and GPU layers for this machine (planner.plan_for; ON_PLAN sees the plan
     before any conversion starts) and claims the planned context up front, so a lack of memory shows (and
-    is retried with fewer GPU layers) now rather than mid-run. The GGUF is produced if missing.
+    is retried with fewer GPU layers) now rather than mid-run. The GGUF is produced if missing (PROGRESS shows
+    the download, conversion and quantization; KEEP_F16 False removes the F16 once the quant is made), after
+    the plan's disk check: a run the disk cannot hold is refused before its first byte.
     """
     if max_length is not None and max_length < 1:
         raise BadInput(f"--max-length {max_length}: must be at least 1")
@@ -266,7 +271,8 @@ def open_pipeline(
             on_plan(plan)
         gpu_layers, split = plan.chosen.n_gpu_layers, plan.tensor_split
         quant = None if Path(model).is_file() else plan.chosen.quant
-    resolved = resolve_model(model, quant)
+    (plan.disk if plan is not None and plan.disk else disk.for_run(model, quant)).check()
+    resolved = resolve_model(model, quant, keep_f16, progress)
     reserve = plan.settings.max_length if plan is not None else MIN_TOKEN_BUDGET
     engine = open_engine(resolved.path, threads, gpu_layers, split, reserve)
     try:
