@@ -1,6 +1,7 @@
 """Which quant embeds fastest on this CPU, on the real 7-8B layer shape (the planner's CPU question).
 
     python -m bench.cpu_quants [--layers 2] [--texts 24] [--repeats 3] [--quants F16,Q8_0,...] [--workdir DIR]
+        [--calibrate]
 
 The small real models of bench.speed are 384 and 576 wide, so their K-quants fall back to other types and
 never reach llama.cpp's repacked CPU kernels. This builds a random Llama-3.1-8B-shaped checkpoint (hidden
@@ -8,6 +9,10 @@ never reach llama.cpp's repacked CPU kernels. This builds a random Llama-3.1-8B-
 and times `Engine.embed_tokens` on the same `bench.corpus` texts for each file: tokens/s (median of
 --repeats after a warm-up) and the speed relative to Q8_0. Speed per layer does not depend on the weights'
 values or on the depth, so a few layers stand for the 32 of llama-embed-nemotron-8b and NV-Embed-v2's trunk.
+
+--calibrate also runs `runner calibrate`'s benchmark (runner/calibrate.py: a synthetic 2-layer file with a
+tiny vocabulary, full micro-batches of token ids) in the same process, after the texts, and prints its
+prediction for --layers layers next to the measured tokens/s: the check that the planner's CPU speeds hold.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quants", default=",".join(DEFAULT_QUANTS))
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cpu-quants")
+    p.add_argument("--calibrate", action="store_true", help="Compare with runner calibrate's prediction.")
     args = p.parse_args(argv)
     quants = [q.strip().upper() for q in args.quants.split(",") if q.strip()]
     if unknown := [q for q in quants if q not in ("F16", *LADDER)]:
@@ -63,13 +69,25 @@ def main(argv: list[str] | None = None) -> None:
     for quant, path in files.items():
         speed[quant] = tokens_per_second(path, texts, args.repeats)
         log(f"{quant}: {speed[quant]:.1f} tokens/s")
+    predicted = {}
+    if args.calibrate:
+        from planner.calibration import CALIBRATED_LAYERS
+        from planner.shapes import from_gguf
+        from runner.calibrate import calibrate
+
+        result = calibrate(from_gguf(files[quants[0]]), tuple(quants), repeats=args.repeats, progress=log)
+        predicted = {q: v * CALIBRATED_LAYERS / args.layers for q, v in result.tokens_per_s.items()}
     base = speed.get("Q8_0")
     print(f"`{shlex.join(['python', '-m', 'bench.cpu_quants', *argv])}`: {args.layers} layers of the Llama-3.1-8B")
     print(f"shape, {len(texts)} texts, {physical_cores()} threads, median of {args.repeats}")
-    print("| quant | tokens/s | vs Q8_0 |")
-    print("|---|---:|---:|")
+    extra = " runner calibrate predicts | predicted / measured |" if predicted else ""
+    print("| quant | tokens/s | vs Q8_0 |" + extra)
+    print("|---|---:|---:|" + ("---:|---:|" if predicted else ""))
     for quant, tps in speed.items():
-        print(f"| {quant} | {tps:.1f} | {f'{tps / base:.2f}x' if base else ''} |")
+        row = f"| {quant} | {tps:.1f} | {f'{tps / base:.2f}x' if base else ''} |"
+        if predicted:
+            row += f" {predicted[quant]:.1f} | {predicted[quant] / tps:.2f} |"
+        print(row)
 
 
 if __name__ == "__main__":

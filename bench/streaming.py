@@ -35,7 +35,7 @@ print([int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswi
 
 
 def write_input(path: Path, lines: int, line_bytes: int) -> None:
-    sentences = corpus(2000)
+    sentences = [s.replace("\n", " ") for s in corpus(2000)]  # one text per line
     with open(path, "w", encoding="utf-8") as f:
         k = 0
         for _ in range(lines):
