@@ -22,6 +22,16 @@ class _OneLine(logging.Formatter):
 class _Cli(click.Group):
     """Turns UserError into one line and a non-zero exit; tracebacks only with --debug."""
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), "serve"})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name == "serve":  # imported when used: FastAPI stays out of the other commands
+            from runner.server import serve_command
+
+            return serve_command
+        return super().get_command(ctx, name)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
