@@ -3,7 +3,8 @@
     python -m bench.parity [--workdir DIR]
 
 References: transformers float32 with a bidirectional mask + mean pooling + L2 norm (tests/reference.py)
-for the Llama-family models, tests/nvembed_reference.py (the published NV-Embed math) for NV-Embed,
+for the Llama-family models, with each model's own attention + last-token pooling (tests/last_token.py) for the
+last-token families, tests/nvembed_reference.py (the published NV-Embed math) for NV-Embed,
 sentence-transformers for all-MiniLM-L6-v2. Texts: the 64 of
 tests/data/embedding_texts.jsonl. Prints a markdown table.
 """
@@ -11,6 +12,7 @@ tests/data/embedding_texts.jsonl. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -38,6 +40,26 @@ def _ours(gguf: Path, items: list[str], query_task: str | None = None) -> np.nda
         return pipeline.embed(items, query=bool(query_task), task=query_task)
 
 
+def last_token_rows(work: Path, items: list[str]) -> list[tuple[str, str, np.ndarray]]:
+    """The last-token families (Qwen3-Embedding, gte-Qwen2, e5-mistral layouts) against their references."""
+    from tests import hf_tokenizers
+    from tests.last_token import LAST_TOKEN, build_tiny_last_token, reference_last_token
+
+    tokenizers = {
+        "qwen2-eos": functools.partial(hf_tokenizers.qwen2_tokenizer_dir, append_eos=True),
+        "mistral-eos": functools.partial(hf_tokenizers.mistral_tokenizer_dir, append_eos=True),
+    }
+    rows = []
+    for name, (arch, tok, causal, options) in LAST_TOKEN.items():
+        hf = build_tiny_last_token(work / name, tokenizers[tok](work / f"tok-{name}"), arch, **options)
+        ref = reference_last_token(hf, items, causal)
+        label = f"tiny {name} ({arch}, {'causal' if causal else 'bidirectional'}, last token, random)"
+        for outtype in ("f32", "f16"):
+            gguf = convert(str(hf), work / f"{name}-gguf", outtype, as_embedder=True, pooling="last", causal=causal)
+            rows.append((label, outtype.upper(), cosines(_ours(gguf, items), ref)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=None)
@@ -56,6 +78,7 @@ def main() -> None:
         for outtype in ("f32", "f16"):
             got = _ours(convert(str(hf), work / f"{name}-gguf", outtype, as_embedder=bool(flags)), items)
             rows.append((f"tiny {name} ({arch}, random)", outtype.upper(), cosines(got, ref)))
+    rows += last_token_rows(work, items)
     nv = build_tiny_nvembed(work / "nvembed", hf_tokenizers.mistral_tokenizer_dir(work / "tok-nvembed"))
     task = "Given a question, retrieve passages that answer the question"
     refs = {"documents": reference_nvembed(nv, items), "queries": reference_nvembed(nv, items, INSTRUCT.format(task))}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -21,7 +22,7 @@ import numpy as np
 from quantize import CONVERTER_VERSION, gguf_keys
 from quantize.architectures import Family, for_config
 from quantize.checkpoint import LazyTensor, open_checkpoint
-from quantize.errors import CorruptModelFile
+from quantize.errors import BadInput, CorruptModelFile
 from quantize.files import atomic_path, models_home, sha256
 from quantize.manifest import read_metadata, record
 from quantize.progress import SILENT, Progress, rate, size
@@ -30,6 +31,7 @@ from quantize.source import Source, read_config, resolve, source_files
 from quantize.store import quant_path
 from quantize.vocab import add_vocab
 
+log = logging.getLogger("runner")
 OUTTYPES = {
     "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
     "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
@@ -62,20 +64,33 @@ def convert(
     revision: str | None = None,
     as_embedder: bool = False,
     progress: Progress = SILENT,
+    pooling: str | None = None,
+    causal: bool | None = None,
 ) -> Path:
     """Convert SOURCE (HF dir, registry name or hub repo id) and return the GGUF path.
 
-    A file already made from the same source files, registry entry and converter version is reused.
+    POOLING and CAUSAL are for checkpoints models.toml does not name (its entries carry their own): the
+    pooling to record (default: the sentence-transformers files', else mean) and causal attention (default:
+    bidirectional). A file already made from the same source files, registry entry, options and converter
+    version is reused.
     PROGRESS shows the download, the tensors written and the manifest's sha256, and sums each step up.
     """
     src = resolve(source, revision, progress)
     config = read_config(src.path)
     entry = src.entry
-    family = for_config(config, embedder=as_embedder or bool(entry and entry.embedder), where=source)
+    if entry is not None and (pooling is not None or causal is not None):
+        raise BadInput(
+            f"{source}: a models.toml model takes its pooling and attention from its entry; --pooling, --causal "
+            "and --bidirectional are for checkpoints the registry does not name"
+        )
+    stated = entry is not None or causal is not None
+    causal = entry.causal if entry else bool(causal)
+    family = for_config(config, as_embedder or bool(entry and entry.embedder), source, causal)
+    pooling = conversion_pooling(src, family, pooling, stated, source)
     name, path = output_name(src), output_path(src, outdir, outtype)
     outdir = path.parent
     outdir.mkdir(parents=True, exist_ok=True)
-    stamp = source_stamp(src, outtype, as_embedder)
+    stamp = source_stamp(src, outtype, as_embedder, pooling, causal)
     if is_current(path, stamp):
         progress.say(f"convert: {path.name} reused (made from this unchanged source), {size(path.stat().st_size)}")
         return path
@@ -87,7 +102,13 @@ def convert(
         head_path = write_head(family, head, outdir / f"{name}.head.gguf")
         record(head_path, "head")
         extra |= {gguf_keys.HEAD_FILE: head_path.name, gguf_keys.HEAD_SHA256: sha256(head_path)}
-    count = write_gguf(path, family, tensors, src, name, outtype, extra, progress)
+    count = write_gguf(path, family, tensors, src, name, outtype, extra, progress, pooling)
+    if pooling == "last" and not read_metadata(path).get("tokenizer.ggml.add_eos_token"):
+        log.warning(
+            "%s: last-token pooling, but its tokenizer appends no EOS token: each vector is the state of the "
+            "text's own last token. Check the model card: last-token embedders are trained on an appended EOS",
+            source,
+        )
     record(path, outtype.upper(), progress)
     seconds, written = time.perf_counter() - started, path.stat().st_size
     progress.say(
@@ -114,8 +135,13 @@ def output_path(src: Source, outdir: Path | None, outtype: str) -> Path:
     return (Path(outdir) if outdir else models_home() / name) / f"{name}-{outtype.upper()}.gguf"
 
 
-def source_stamp(src: Source, outtype: str, as_embedder: bool) -> str:
-    """A digest of everything a converted file depends on, cheap to recompute (no weights are read)."""
+def source_stamp(
+    src: Source, outtype: str, as_embedder: bool, pooling: str | None = None, causal: bool | None = None
+) -> str:
+    """A digest of everything a converted file depends on, cheap to recompute (no weights are read).
+
+    POOLING and CAUSAL count when given (the conversion's choices); a caller that leaves them out gets the
+    digest of a mean-pooled bidirectional conversion, as before they existed."""
     files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in source_files(src.path)]
     what = {
         "path": str(src.path),
@@ -125,6 +151,10 @@ def source_stamp(src: Source, outtype: str, as_embedder: bool) -> str:
         "as_embedder": as_embedder,
         "converter": CONVERTER_VERSION,
     }
+    if causal:
+        what["causal"] = True
+    if pooling not in (None, "mean"):
+        what["pooling"] = pooling
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -161,6 +191,7 @@ def write_gguf(
     outtype: str,
     extra: dict[str, object] | None = None,
     progress: Progress = SILENT,
+    pooling: str | None = None,
 ) -> int:
     """Write the GGUF (header, then each tensor loaded, transformed and encoded in turn); returns the tensor
     count. PROGRESS's bar counts the bytes written, so its rate and ETA hold for the big 8B tensors too."""
@@ -169,7 +200,7 @@ def write_gguf(
     sizes = [_nbytes(t.shape, t.qtype) for t in plan]
     with atomic_path(path) as tmp, progress.bar(f"convert {path.name}", sum(sizes)) as bar:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
-        _write_metadata(w, arch, src, name, ftype, extra or {})
+        _write_metadata(w, arch, src, name, ftype, extra or {}, pooling)
         add_vocab(w, src.path, arch.vocab_size)
         for t, nbytes in zip(plan, sizes, strict=True):
             w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=t.qtype)
@@ -199,7 +230,13 @@ def _plan(arch: Family, tensors: dict[str, LazyTensor], qtype: gguf.GGMLQuantiza
 
 
 def _write_metadata(
-    w: gguf.GGUFWriter, arch: Family, src: Source, name: str, ftype: int, extra: dict[str, object]
+    w: gguf.GGUFWriter,
+    arch: Family,
+    src: Source,
+    name: str,
+    ftype: int,
+    extra: dict[str, object],
+    pooling: str | None = None,
 ) -> None:
     entry: ModelEntry | None = src.entry
     w.add_name(name)
@@ -211,7 +248,7 @@ def _write_metadata(
     w.add_string(gguf_keys.SOURCE_REVISION, src.revision or "local")
     w.add_string(gguf_keys.CONVERTER_VERSION, CONVERTER_VERSION)
     arch.write_hparams(w)
-    pooling = entry.pooling if entry else arch.pooling or _checkpoint_pooling(src.path)
+    pooling = pooling or (entry.pooling if entry else arch.pooling or _checkpoint_pooling(src.path))
     w.add_pooling_type(POOLING_TYPES[pooling])
     w.add_string(gguf_keys.POOLING, pooling)
     # The family's own defaults (prompts, pooling rules), then what the registry says over them.
@@ -234,11 +271,40 @@ def _write_metadata(
             w.add_string(key, str(value))
 
 
+def conversion_pooling(src: Source, family: Family, asked: str | None, causal_stated: bool, where: str) -> str:
+    """The pooling a conversion records: the registry entry's, the family's own (NV-Embed's head), ASKED
+    (--pooling), the sentence-transformers files', else mean.
+
+    Last-token pooling of a checkpoint the registry does not name needs its attention stated: last-token
+    embedders come both ways (Qwen3-Embedding and e5-mistral causal, gte-Qwen2 bidirectional), and the
+    wrong one gives vectors that look fine and retrieve badly.
+    """
+    if src.entry:
+        return src.entry.pooling
+    if family.pooling:
+        if asked not in (None, family.pooling):
+            raise BadInput(f"{where}: this model pools with its {family.pooling} head; --pooling {asked} cannot apply")
+        return family.pooling
+    pooling = asked or _checkpoint_pooling(src.path)
+    if pooling not in ("mean", "last", "cls"):
+        raise BadInput(f"{where}: --pooling {pooling}: choose one of mean, last, cls")
+    if pooling == "last" and not causal_stated:
+        told = "--pooling last" if asked else "its sentence-transformers files (last-token pooling)"
+        raise BadInput(
+            f"{where}: {told} needs --causal or --bidirectional: Qwen3-Embedding and e5-mistral were trained "
+            "with causal attention, gte-Qwen2 with bidirectional; see the model card"
+        )
+    return pooling
+
+
 def _checkpoint_pooling(model_dir: Path) -> str:
     """The pooling a sentence-transformers checkpoint declares (1_Pooling/config.json), else mean."""
     config = model_dir / "1_Pooling" / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("pooling_mode_cls_token"):
+    modes = json.loads(config.read_text()) if config.is_file() else {}
+    if modes.get("pooling_mode_cls_token"):
         return "cls"
+    if modes.get("pooling_mode_lasttoken"):
+        return "last"
     return "mean"
 
 

@@ -20,6 +20,9 @@ LICENSE_NOTE = f"{NAMESPACE}.license_note"
 # "huggingface" when llama.cpp's tokenizer does not reproduce the HF one for this vocabulary (WordPiece):
 # the runner then tokenizes with the `tokenizers` library from tokenizer.huggingface.json in the file.
 TOKENIZER = f"{NAMESPACE}.tokenizer"
+# A Unicode normalisation the HF tokenizer applies first and llama.cpp's does not ("NFC" for Qwen2's BPE):
+# the runner normalises each text that way before handing it to llama.cpp's tokenizer.
+NORMALIZER = f"{NAMESPACE}.tokenizer.normalizer"
 # Latent-attention pooling (NV-Embed): llama.cpp returns per-token states (pooling none) and the runner
 # applies the head stored in a sidecar GGUF next to the trunk; its sha256 ties the two together.
 HEAD_FILE = f"{NAMESPACE}.head.file"

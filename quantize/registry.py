@@ -29,6 +29,8 @@ class ModelEntry:
     default_task: str | None = None
     license_note: str = ""
     embedder: bool = False
+    # Causal attention, as last-token embedders like Qwen3-Embedding and e5-mistral were trained; false: bidirectional.
+    causal: bool = False
     # config.json keys that give the model's shapes, so `runner plan` works before download
     shape: dict | None = None
 

@@ -1,6 +1,6 @@
 """Carry a checkpoint's tokenizer into GGUF so llama.cpp tokenizes exactly like the HF tokenizer.
 
-Three families: byte-level BPE from tokenizer.json (GPT-2, Llama-3, SmolLM), SentencePiece from
+Three families: byte-level BPE from tokenizer.json (GPT-2, Llama-3, SmolLM, Qwen2), SentencePiece from
 tokenizer.model (Llama-2, Mistral), and WordPiece from tokenizer.json (BERT).
 Special tokens and add-BOS/EOS come from gguf's SpecialVocab, which reads the post-processor.
 """
@@ -21,6 +21,13 @@ LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen2's (also Qwen2.5, Qwen3 and gte-Qwen2): Llama-3's with digits one at a time.
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Normalizers llama.cpp's BPE lacks and the runner applies before tokenizing (gguf_keys.NORMALIZER).
+NORMALIZERS = ("NFC",)
 
 
 def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int | None) -> str:
@@ -70,15 +77,18 @@ def bpe_pre_tokenizer(tokenizer_json: dict) -> str:
         pattern = steps[0].get("pattern", {}).get("Regex")
         if pattern == LLAMA3_PATTERN and steps[0].get("behavior") == "Isolated":
             return "llama-bpe"
+        if pattern == QWEN2_PATTERN and steps[0].get("behavior") == "Isolated":
+            return "qwen2"
     raise UnsupportedArchitecture(
         f"tokenizer.json pre-tokenizer {types} is not one llama.cpp reproduces here "
-        "(supported: GPT-2 byte-level, Llama-3 split + byte-level, SmolLM digits + byte-level)"
+        "(supported: GPT-2 byte-level, Llama-3 or Qwen2 split + byte-level, SmolLM digits + byte-level)"
     )
 
 
 def _add_bpe(writer: gguf.GGUFWriter, tokenizer_json: dict, vocab_size: int | None) -> None:
-    if tokenizer_json.get("normalizer"):
-        raise UnsupportedArchitecture("byte-level BPE tokenizer with a normalizer is not supported")
+    normalizer = (tokenizer_json.get("normalizer") or {}).get("type")
+    if normalizer is not None and normalizer not in NORMALIZERS:
+        raise UnsupportedArchitecture(f"byte-level BPE tokenizer with a {normalizer} normalizer is not supported")
     pieces: dict[int, tuple[str, int]] = {
         i: (tok, gguf.TokenType.NORMAL) for tok, i in tokenizer_json["model"]["vocab"].items()
     }
@@ -91,6 +101,9 @@ def _add_bpe(writer: gguf.GGUFWriter, tokenizer_json: dict, vocab_size: int | No
     writer.add_tokenizer_pre(bpe_pre_tokenizer(tokenizer_json))
     writer.add_token_list([t for t, _ in tokens])
     writer.add_token_types([k for _, k in tokens])
+    if normalizer is not None:
+        # llama.cpp's BPE does not normalise (Qwen2's tokenizer.json has NFC): the runner does, before tokenizing.
+        writer.add_string(gguf_keys.NORMALIZER, normalizer)
 
 
 def _add_sentencepiece(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int | None) -> None:

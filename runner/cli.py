@@ -69,11 +69,28 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--outtype", type=click.Choice(["f16", "bf16", "f32"]), default="f16", show_default=True)
 @click.option("--revision", help="Hub revision (branch, tag or commit) to download.")
 @click.option(
-    "--as-embedder", is_flag=True, help="Run a causal-LM checkpoint as a bidirectional mean-pooling embedder."
+    "--as-embedder", is_flag=True, help="Run a causal-LM checkpoint as an embedder (its LM head dropped)."
+)
+@click.option(
+    "--pooling",
+    type=click.Choice(["mean", "last", "cls"]),
+    help="Pooling to record (unregistered checkpoints; default: the sentence-transformers files', else mean).",
+)
+@click.option(
+    "--causal/--bidirectional",
+    default=None,
+    help="Attention to record (unregistered checkpoints; default bidirectional). Required with last pooling.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, no summary lines.")
 def convert(
-    source: str, outdir: Path | None, outtype: str, revision: str | None, as_embedder: bool, quiet: bool
+    source: str,
+    outdir: Path | None,
+    outtype: str,
+    revision: str | None,
+    as_embedder: bool,
+    pooling: str | None,
+    causal: bool | None,
+    quiet: bool,
 ) -> None:
     """Convert SOURCE (HF directory, models.toml name, or hub repo id) to one GGUF; prints its path.
 
@@ -89,7 +106,7 @@ def convert(
     for_convert(source, outdir, outtype, revision, as_embedder).check()
     path = run_convert(
         source, outdir=outdir, outtype=outtype, revision=revision, as_embedder=as_embedder,
-        progress=Progress.stderr(quiet),
+        progress=Progress.stderr(quiet), pooling=pooling, causal=causal,
     )  # fmt: skip
     meta = read_metadata(path)
     if note := meta.get(gguf_keys.LICENSE_NOTE):

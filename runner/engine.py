@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import unicodedata
 from pathlib import Path
 
 import llama_cpp
@@ -68,6 +69,9 @@ class Engine:
             self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
             self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
             self._hf_tokenizer = self._load_hf_tokenizer()
+            self._normalizer = self.meta(gguf_keys.NORMALIZER)
+            if self._normalizer not in (None, "NFC"):
+                raise CorruptModelFile(f"{self.path}: unknown {gguf_keys.NORMALIZER} {self._normalizer[:40]!r}")
             self._head = self._load_head()
         except BaseException:
             self.close()  # a bad head or tokenizer must not leak the loaded weights
@@ -112,6 +116,8 @@ class Engine:
         """Token ids as the model's tokenizer gives them; SPECIAL adds BOS/EOS as the tokenizer does."""
         if self._hf_tokenizer is not None:
             return np.array(self._hf_tokenizer.encode(text, add_special_tokens=special).ids, dtype=np.int32)
+        if self._normalizer:  # the HF tokenizer normalises before it splits; llama.cpp's does not
+            text = unicodedata.normalize(self._normalizer, text)
         data = text.encode("utf-8")
         n_max = len(data) + 16
         while True:

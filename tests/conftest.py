@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -69,6 +70,9 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory):
         "llama3": hf_tokenizers.llama3_tokenizer_dir,
         "mistral": hf_tokenizers.mistral_tokenizer_dir,
         "smollm2": hf_tokenizers.smollm2_tokenizer_dir,
+        "qwen2": hf_tokenizers.qwen2_tokenizer_dir,
+        "qwen2-eos": functools.partial(hf_tokenizers.qwen2_tokenizer_dir, append_eos=True),
+        "mistral-eos": functools.partial(hf_tokenizers.mistral_tokenizer_dir, append_eos=True),
     }
     made: dict[str, Path] = {}
 
@@ -115,6 +119,29 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir):
             hf_dir = build_tiny(tmp_path_factory.mktemp(name) / "hf", tokenizer_dir(tok), arch, **options)
             ref = reference_embed(hf_dir, texts("embedding_texts.jsonl"))
             made[name] = TinyModel(name, hf_dir, flags, {}, ref)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_last(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir):
+    """Tiny last-token embedders (tests/last_token.py) with their reference vectors; converted with the
+    flags that declare their pooling and attention."""
+    from tests.last_token import LAST_TOKEN, build_tiny_last_token, convert_flags, reference_last_token
+
+    made: dict[str, TinyModel] = {}
+
+    def get(name: str) -> TinyModel:
+        if name not in made:
+            arch, tok, causal, options = LAST_TOKEN[name]
+            try:
+                tok_dir = tokenizer_dir(tok)
+            except FileNotFoundError as e:  # the Qwen2 vocabulary comes from llama.cpp's sdist
+                pytest.skip(str(e))
+            hf_dir = build_tiny_last_token(tmp_path_factory.mktemp(name) / "hf", tok_dir, arch, **options)
+            ref = reference_last_token(hf_dir, texts("embedding_texts.jsonl"), causal)
+            made[name] = TinyModel(name, hf_dir, convert_flags(name), {}, ref)
         return made[name]
 
     return get

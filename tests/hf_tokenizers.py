@@ -9,6 +9,7 @@ Nothing is cached: every call writes into `dest` and returns it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -167,15 +168,17 @@ def smollm2_tokenizer_dir(dest: Path) -> Path:
     return dest
 
 
-def mistral_tokenizer_dir(dest: Path) -> Path:
+def mistral_tokenizer_dir(dest: Path, append_eos: bool = False) -> Path:
     """The Mistral-7B-v0.1 tokenizer (mistralai/Mistral-7B-v0.1, also nvidia/NV-Embed-v2; 32000 pieces).
 
     Data: the SentencePiece BPE model `mistral_common/data/tokenizer.model.v1` from `mistral-common`.
     Built as the repo's legacy LlamaTokenizerFast: byte-fallback BPE with merges ranked by piece score,
     Prepend("▁") + Replace(" ", "▁") normalizer, <unk>=0 <s>=1 </s>=2, BOS added and EOS not.
-    tokenizer.model is saved next to tokenizer.json. This tokenizer.json encodes like SentencePiece; but
-    transformers 5's AutoTokenizer (LlamaTokenizer) rebuilds a Metaspace pipeline that drops the "▁" prefix
-    on text starting with a space, as it does for the real repo: use PreTrainedTokenizerFast for exactness.
+    APPEND_EOS adds </s> after every text too, as e5-mistral-7b-instruct's tokenizer does (its embedding
+    is the state of that last token). tokenizer.model is saved next to tokenizer.json.
+    This tokenizer.json encodes like SentencePiece; but transformers 5's AutoTokenizer (LlamaTokenizer)
+    rebuilds a Metaspace pipeline that drops the "▁" prefix on text starting with a space, as it does for
+    the real repo: use PreTrainedTokenizerFast for exactness.
     """
     from sentencepiece import SentencePieceProcessor
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers
@@ -207,8 +210,8 @@ def mistral_tokenizer_dir(dest: Path) -> Path:
         unk_token=unk,
         bos_token=bos,
         eos_token=eos,
-        add_bos_token=True,  # installs TemplateProcessing "<s> $A" / "<s> $A <s> $B"
-        add_eos_token=False,
+        add_bos_token=True,  # installs TemplateProcessing "<s> $A" / "<s> $A <s> $B" (+ "</s>" with add_eos)
+        add_eos_token=append_eos,
         legacy=True,
         clean_up_tokenization_spaces=False,
     )
@@ -218,7 +221,7 @@ def mistral_tokenizer_dir(dest: Path) -> Path:
         Path(dest),
         tokenizer_class="LlamaTokenizer",
         add_bos_token=True,
-        add_eos_token=False,
+        add_eos_token=append_eos,
         legacy=True,
         add_prefix_space=None,
         spaces_between_special_tokens=False,
@@ -226,3 +229,76 @@ def mistral_tokenizer_dir(dest: Path) -> Path:
     if not (dest / "tokenizer.model").is_file():
         (dest / "tokenizer.model").write_bytes(model.read_bytes())
     return dest
+
+
+# Qwen2's pre-tokenizer split pattern (tokenizer.json of Qwen/Qwen2-7B; Qwen2.5, Qwen3 and gte-Qwen2 keep it):
+# Llama-3's, but digits one at a time.
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# llama.cpp's vocabulary-only GGUFs and their reference tokenizations, unpacked from the llama-cpp-python
+# sdist by `scripts/install test`.
+LLAMA_CPP_VOCABS = Path(
+    os.environ.get("EMBEDRUNNER_LLAMA_CPP_VOCABS")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "embedrunner" / "llama.cpp-0.3.36-vocab"
+)
+
+
+def qwen2_tokenizer_dir(dest: Path, append_eos: bool = False) -> Path:
+    """The Qwen2 byte-level BPE tokenizer (Qwen/Qwen2-7B; 151643 BPE tokens + 3 special tokens).
+
+    Data: the tokens and 151387 merges of llama.cpp's `ggml-vocab-qwen2.gguf` (converted by llama.cpp from
+    the real Qwen2 tokenizer), with the published tokenizer.json's NFC normalizer, split pattern + byte-level
+    pre-tokenizer, and <|endoftext|> as EOS and padding. APPEND_EOS makes the post-processor append
+    <|endoftext|> to every text, as the embedders' tokenizers do (Qwen3-Embedding since its EOS fix,
+    gte-Qwen2-7B-instruct): their last token, the one they pool, is that EOS. No BOS either way.
+    """
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    path = LLAMA_CPP_VOCABS / "ggml-vocab-qwen2.gguf"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} (run scripts/install test)")
+    reader = GGUFReader(path)
+
+    def strings(key: str) -> list[str]:
+        field = reader.fields[key]
+        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+
+    tokens = strings("tokenizer.ggml.tokens")
+    types = reader.fields["tokenizer.ggml.token_type"]
+    kinds = [int(types.parts[i][0]) for i in types.data]
+    vocab = {t: i for i, (t, k) in enumerate(zip(tokens, kinds, strict=True)) if k == 1}  # NORMAL
+    specials = [t for t, k in zip(tokens, kinds, strict=True) if k == 3]  # CONTROL: <|endoftext|>, <|im_*|>
+    merges = [tuple(m.split(" ")) for m in strings("tokenizer.ggml.merges")]
+    backend = Tokenizer(BPE(vocab, merges, dropout=None, fuse_unk=False, byte_fallback=False))
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    eos = specials[0]  # <|endoftext|>
+    byte_level = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    backend.post_processor = (
+        processors.TemplateProcessing(
+            single=f"$A:0 {eos}:0", pair=f"$A:0 {eos}:0 $B:1 {eos}:1", special_tokens=[(eos, backend.token_to_id(eos))]
+        )
+        if append_eos
+        else byte_level
+    )
+    backend.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=eos,
+        pad_token=eos,
+        clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
+        model_max_length=32768,
+    )
+    return _save(tok, Path(dest), tokenizer_class="Qwen2Tokenizer", bos_token=None, errors="replace")

@@ -1,21 +1,15 @@
-"""llama.cpp's tokenizer on our GGUFs gives the HF tokenizer's ids, for three real vocabularies."""
+"""llama.cpp's tokenizer on our GGUFs gives the HF tokenizer's ids for real vocabularies (Qwen2's: test_last_token)."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import pytest
 
 from runner.engine import Engine
 from tests.conftest import texts
+from tests.hf_tokenizers import LLAMA_CPP_VOCABS
 from tests.reference import hf_tokenizer
 
 VOCABS = {"nemotron": "Llama-3 BPE", "llama-causal": "SmolLM2 BPE", "mistral": "Mistral-7B SentencePiece"}
-LLAMA_CPP_VOCABS = Path(
-    os.environ.get("EMBEDRUNNER_LLAMA_CPP_VOCABS")
-    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "embedrunner" / "llama.cpp-0.3.36-vocab"
-)
 
 
 def test_corpus_is_varied() -> None:

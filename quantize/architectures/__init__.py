@@ -52,9 +52,13 @@ class Family:
     head_arch: ClassVar[str | None] = None
     # GGUF header bytes per vocabulary entry, for sizing a file before it exists (measured per tokenizer kind).
     header_bytes_per_token: ClassVar[int] = 48
+    # Whether --causal means anything for this family (BERT and NV-Embed's trunk were trained bidirectional).
+    can_be_causal: ClassVar[bool] = True
 
     def __init__(self, config: dict, where: str) -> None:
         self.where = where
+        # Causal attention (Qwen3-Embedding, e5-mistral) or bidirectional (the default: nemotron, gte-Qwen2).
+        self.causal = False
 
     # --- what the planner reads -----------------------------------------------------------------
     @property
@@ -80,14 +84,14 @@ class Family:
         return self.trunk.vocab
 
     def write_hparams(self, w: gguf.GGUFWriter) -> None:
-        """Sizes every trunk writes, and attention that is not causal; families add their own keys."""
+        """Sizes every trunk writes, and whether attention is causal; families add their own keys."""
         t = self.trunk
         w.add_context_length(t.context)
         w.add_embedding_length(t.hidden)
         w.add_block_count(t.layers)
         w.add_feed_forward_length(t.ffn)
         w.add_head_count(t.heads)
-        w.add_causal_attention(False)
+        w.add_causal_attention(self.causal)
 
     def gguf_name(self, hf_name: str) -> str | None:
         """The GGUF tensor name for an HF tensor, or None to leave it out (lm_head, rotary caches)."""
@@ -138,8 +142,11 @@ def supported() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def for_config(config: dict, embedder: bool, where: str) -> Family:
-    """The family for CONFIG; causal LMs only when the caller declared them as embedders."""
+def for_config(config: dict, embedder: bool, where: str, causal: bool = False) -> Family:
+    """The family for CONFIG; causal LMs only when the caller declared them as embedders.
+
+    CAUSAL: run attention causally (last-token embedders trained that way); the default is bidirectional.
+    """
     archs = config.get("architectures")
     name = archs[0] if isinstance(archs, list) and archs else "<missing>"
     if name not in _REGISTRY:
@@ -150,9 +157,14 @@ def for_config(config: dict, embedder: bool, where: str) -> Family:
     if causal_lm and not embedder:
         raise UnsupportedArchitecture(
             f"{where}: {name} is a causal language model, not an embedder; declare it in models.toml "
-            "(embedder = true) or pass --as-embedder to run it bidirectionally with mean pooling"
+            "(embedder = true) or pass --as-embedder (bidirectional mean pooling unless --pooling/--causal say "
+            "otherwise)"
         )
-    return cls(config, where)
+    if causal and not cls.can_be_causal:
+        raise UnsupportedArchitecture(f"{where}: {name} is a bidirectional encoder; it cannot run with --causal")
+    family = cls(config, where)
+    family.causal = causal
+    return family
 
 
-from quantize.architectures import bert, llama, nvembed  # noqa: E402,F401  (each registers itself)
+from quantize.architectures import bert, llama, nvembed, qwen  # noqa: E402,F401  (each registers itself)

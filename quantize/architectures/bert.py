@@ -48,6 +48,7 @@ class Bert(Family):
     gguf_arch = gguf.MODEL_ARCH.BERT
     keep_f32 = ("position_embd.weight", "token_types.weight")
     header_bytes_per_token = 36  # WordPiece vocab plus the HF tokenizer.json we carry (measured for MiniLM)
+    can_be_causal = False
 
     def __init__(self, config: dict, where: str) -> None:
         super().__init__(config, where)

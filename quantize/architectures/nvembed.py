@@ -60,6 +60,7 @@ QUERY_PROMPT = "Instruct: {task}\nQuery: {text}"  # the model card's query forma
 class NVEmbed(Llama):
     pooling = "latent-attention"
     head_arch = HEAD_ARCH
+    can_be_causal = False
 
     def __init__(self, config: dict, where: str) -> None:
         text = config.get("text_config")

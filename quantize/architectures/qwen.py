@@ -1,0 +1,164 @@
+"""Qwen2 and Qwen3 trunks (GGUF archs `qwen2`, `qwen3`), run by llama.cpp with the pooling the GGUF names.
+
+Covers Qwen3-Embedding (Qwen3ForCausalLM, causal, last-token pooling on the `<|endoftext|>` its tokenizer
+appends) and gte-Qwen2-7B-instruct (Qwen2ForCausalLM, bidirectional, last-token pooling), plus bare
+Qwen2Model/Qwen3Model trunks. Differences from the llama family: Qwen2 has q/k/v biases, Qwen3 RMS-norms
+each head's q and k (and may have head_dim x heads != hidden); both rotate NEOX-style, as HF does, so the
+Q/K rows need no permutation. The causal-LM checkpoints' lm_head (or tied embeddings) is dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import gguf
+
+from quantize.architectures import F16, F32, Family, Trunk, map_tensor, register, require
+from quantize.errors import UnsupportedArchitecture
+from quantize.sizes import TensorSpec
+
+
+@dataclass(frozen=True)
+class QwenArgs:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1000000.0
+
+    @classmethod
+    def from_config(cls, config: dict, where: str, free_head_dim: bool) -> QwenArgs:
+        """FREE_HEAD_DIM: config.json's head_dim may differ from hidden/heads (Qwen3; llama.cpp's qwen2 graph
+        assumes they are equal)."""
+        hidden = require(config, "hidden_size", where)
+        heads = require(config, "num_attention_heads", where)
+        head_dim = (config.get("head_dim") if free_head_dim else None) or hidden // heads
+        if not free_head_dim and head_dim * heads != hidden:
+            raise UnsupportedArchitecture(f"{where}: hidden_size {hidden} does not divide into {heads} heads")
+        if config.get("hidden_act", "silu") != "silu":
+            raise UnsupportedArchitecture(f"{where}: hidden_act {config['hidden_act']!r}; Qwen needs silu")
+        if config.get("use_sliding_window"):
+            raise UnsupportedArchitecture(f"{where}: sliding-window attention is not supported for Qwen")
+        rope = dict(config.get("rope_parameters") or {})
+        rope.update(config.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+        if rope_type != "default":
+            raise UnsupportedArchitecture(f"{where}: rope scaling {rope_type!r} is not supported for Qwen")
+        return cls(
+            hidden_size=hidden,
+            num_hidden_layers=require(config, "num_hidden_layers", where),
+            num_attention_heads=heads,
+            num_key_value_heads=config.get("num_key_value_heads") or heads,
+            intermediate_size=require(config, "intermediate_size", where),
+            vocab_size=require(config, "vocab_size", where),
+            head_dim=head_dim,
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=config.get("max_position_embeddings", 32768),
+            rope_theta=float(config.get("rope_theta") or rope.get("rope_theta") or 1000000.0),
+        )
+
+
+class _Qwen(Family):
+    # Byte-level BPE, 151k tokens and as many merges: 39.06 bytes a token measured on the Qwen2 vocabulary.
+    header_bytes_per_token = 39
+    free_head_dim: ClassVar[bool] = False
+
+    def __init__(self, config: dict, where: str) -> None:
+        super().__init__(config, where)
+        self.args = QwenArgs.from_config(config, where, self.free_head_dim)
+        self.tensor_map = gguf.get_tensor_name_map(self.gguf_arch, self.args.num_hidden_layers)
+
+    @property
+    def trunk(self) -> Trunk:
+        a = self.args
+        return Trunk(
+            layers=a.num_hidden_layers,
+            hidden=a.hidden_size,
+            ffn=a.intermediate_size,
+            heads=a.num_attention_heads,
+            kv_heads=a.num_key_value_heads,
+            vocab=a.vocab_size,
+            context=a.max_position_embeddings,
+        )
+
+    def attention_extras(self, block: str) -> list[TensorSpec]:
+        """The family's own attention tensors of one layer (biases, q/k norms)."""
+        return []
+
+    def tensor_specs(self) -> tuple[TensorSpec, ...]:
+        a = self.args
+        hidden, ffn = a.hidden_size, a.intermediate_size
+        q_rows, kv_rows = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+        specs = [
+            TensorSpec("token_embd.weight", (a.vocab_size, hidden), F16),
+            TensorSpec("output_norm.weight", (hidden,), F32),
+        ]
+        for i in range(a.num_hidden_layers):
+            b = f"blk.{i}."
+            specs += [
+                TensorSpec(b + "attn_norm.weight", (hidden,), F32),
+                TensorSpec(b + "attn_q.weight", (q_rows, hidden), F16),
+                TensorSpec(b + "attn_k.weight", (kv_rows, hidden), F16),
+                TensorSpec(b + "attn_v.weight", (kv_rows, hidden), F16),
+                TensorSpec(b + "attn_output.weight", (hidden, q_rows), F16),
+                *self.attention_extras(b),
+                TensorSpec(b + "ffn_norm.weight", (hidden,), F32),
+                TensorSpec(b + "ffn_gate.weight", (ffn, hidden), F16),
+                TensorSpec(b + "ffn_up.weight", (ffn, hidden), F16),
+                TensorSpec(b + "ffn_down.weight", (hidden, ffn), F16),
+            ]
+        return tuple(specs)
+
+    def write_hparams(self, w: gguf.GGUFWriter) -> None:
+        super().write_hparams(w)
+        a = self.args
+        w.add_head_count_kv(a.num_key_value_heads)
+        w.add_layer_norm_rms_eps(a.rms_norm_eps)
+        w.add_rope_freq_base(a.rope_theta)
+        w.add_rope_dimension_count(a.head_dim)
+        if a.head_dim * a.num_attention_heads != a.hidden_size:
+            w.add_key_length(a.head_dim)
+            w.add_value_length(a.head_dim)
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        # lm_head: the causal LM's output layer, no part of an embedder; Qwen3-Embedding ships without one.
+        if hf_name.endswith("rotary_emb.inv_freq") or hf_name == "lm_head.weight":
+            return None
+        return map_tensor(self.tensor_map, "model." + hf_name.removeprefix("model."), hf_name)
+
+
+@register("Qwen2Model")
+@register("Qwen2ForCausalLM", causal_lm=True)
+class Qwen2(_Qwen):
+    gguf_arch = gguf.MODEL_ARCH.QWEN2
+
+    def attention_extras(self, block: str) -> list[TensorSpec]:
+        a = self.args
+        q_rows, kv_rows = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+        return [
+            TensorSpec(block + "attn_q.bias", (q_rows,), F32),
+            TensorSpec(block + "attn_k.bias", (kv_rows,), F32),
+            TensorSpec(block + "attn_v.bias", (kv_rows,), F32),
+        ]
+
+
+@register("Qwen3Model")
+@register("Qwen3ForCausalLM", causal_lm=True)
+class Qwen3(_Qwen):
+    gguf_arch = gguf.MODEL_ARCH.QWEN3
+    free_head_dim = True
+
+    def __init__(self, config: dict, where: str) -> None:
+        if config.get("attention_bias"):
+            raise UnsupportedArchitecture(f"{where}: attention biases are not supported for Qwen3")
+        super().__init__(config, where)
+
+    def attention_extras(self, block: str) -> list[TensorSpec]:
+        hd = self.args.head_dim
+        return [TensorSpec(block + f"attn_{x}_norm.weight", (hd,), F32) for x in ("q", "k")]

@@ -1,0 +1,135 @@
+"""Last-token embedders (the layouts of Qwen3-Embedding, gte-Qwen2-7B-instruct, e5-mistral-7b-instruct):
+converted GGUFs match transformers float32 with last-token pooling, the bound catches a dropped EOS and a
+flipped causal flag, Qwen2's tokenizer matches the published one, and every quant's size is predicted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantize.convert import convert
+from quantize.manifest import read_metadata
+from runner.engine import Engine
+from runner.pipeline import Pipeline
+from tests.conftest import DATA, embed_file, run_cli, texts
+from tests.hf_tokenizers import LLAMA_CPP_VOCABS
+from tests.last_token import LAST_TOKEN
+from tests.reference import TOKENIZER_FILES, copy_tokenizer, cosines, hf_tokenizer
+
+TEETH_TEXTS = 16  # enough to show a broken conversion, and each embeds 151k-wide logits in llama.cpp's qwen graphs
+
+
+@pytest.mark.parametrize("name", list(LAST_TOKEN))
+def test_f16_matches_reference(name: str, tiny_last, tmp_path) -> None:
+    model = tiny_last(name)
+    gguf = model.gguf("f16")
+    meta = read_metadata(gguf)
+    arch = meta["general.architecture"]
+    assert meta[f"{arch}.pooling_type"] == 3 and meta[f"{arch}.attention.causal"] is LAST_TOKEN[name][2]
+    assert meta["tokenizer.ggml.add_eos_token"] is True
+    got = embed_file(gguf, DATA / "embedding_texts.jsonl", tmp_path / "out.npy")
+    cos = cosines(got, model.reference)
+    assert cos.mean() >= 0.9999 and cos.min() >= 0.999, (cos.mean(), cos.min(), np.argsort(cos)[:5])
+
+
+def _embed(hf_dir: Path, outdir: Path, causal: bool) -> np.ndarray:
+    """HF_DIR converted in this process (F32: no rounding in the way) and embedded, first TEETH_TEXTS texts."""
+    gguf = convert(str(hf_dir), outdir, "f32", as_embedder=True, pooling="last", causal=causal)
+    with Engine(gguf) as engine:
+        return Pipeline(engine).embed(texts("embedding_texts.jsonl")[:TEETH_TEXTS])
+
+
+def _fails_bound(got: np.ndarray, reference: np.ndarray) -> bool:
+    cos = cosines(got, reference[: len(got)])
+    return bool(cos.mean() < 0.9999 and cos.min() < 0.999)
+
+
+def _linked_copy(src: Path, dest: Path) -> Path:
+    """DEST holding links to SRC's files (the weights are not copied), tokenizer files left out."""
+    dest.mkdir()
+    for f in src.iterdir():
+        if f.name not in TOKENIZER_FILES:
+            (dest / f.name).symlink_to(f)
+    return dest
+
+
+def test_dropping_the_eos_fails_the_bound(tiny_last, tokenizer_dir, tmp_path, caplog) -> None:
+    """The same Qwen3-Embedding weights with a tokenizer that appends no <|endoftext|>: the pooled token is
+    the text's own last one (the upstream trap with self-converted GGUFs), and the conversion warns."""
+    model = tiny_last("qwen3-embedding")
+    hf = _linked_copy(model.hf_dir, tmp_path / "no-eos")
+    copy_tokenizer(tokenizer_dir("qwen2"), hf)
+    with caplog.at_level(logging.WARNING, logger="runner"):
+        got = _embed(hf, tmp_path / "gguf", causal=True)
+    assert "appends no EOS token" in caplog.text
+    assert _fails_bound(got, model.reference)
+
+
+@pytest.mark.parametrize("name", ["qwen3-embedding", "gte-qwen2"])
+def test_flipping_the_attention_fails_the_bound(name: str, tiny_last, tmp_path) -> None:
+    """Qwen3-Embedding run bidirectionally, gte-Qwen2 run causally (the upstream trap): caught."""
+    model = tiny_last(name)
+    assert _fails_bound(_embed(model.hf_dir, tmp_path, causal=not LAST_TOKEN[name][2]), model.reference)
+
+
+def test_qwen2_tokenizer_matches_hf_and_llama_cpp_references(tiny_last) -> None:
+    """llama.cpp on our GGUF: the published tokenizer.json's ids on the corpus (NFC applied by the runner:
+    some lines are not NFC), and llama.cpp's reference tokenizations made by the real Qwen2 tokenizer."""
+    model = tiny_last("gte-qwen2")
+    hf = hf_tokenizer(model.hf_dir)
+    corpus = texts("tokenizer_corpus.jsonl")
+    assert any(unicodedata.normalize("NFC", t) != t for t in corpus)
+    inputs = (LLAMA_CPP_VOCABS / "ggml-vocab-qwen2.gguf.inp").read_text(encoding="utf-8")
+    inputs = inputs.split("\n__ggml_vocab_test__\n")[:-1]
+    outputs = (LLAMA_CPP_VOCABS / "ggml-vocab-qwen2.gguf.out").read_text().splitlines()
+    assert len(inputs) == len(outputs) > 20
+    with Engine(model.gguf("f16")) as engine:
+        pairs = [(t, hf(t)["input_ids"], engine.tokenize(t).tolist()) for t in corpus]
+        mismatches = [p for p in pairs if p[1] != p[2]]
+        assert not mismatches, f"{len(mismatches)} texts differ, first: {mismatches[:3]}"
+        eos = engine.eos
+        for text, expected in zip(inputs, outputs, strict=True):
+            assert engine.tokenize(text).tolist() == [int(t) for t in expected.split()] + [eos], repr(text)
+
+
+def test_last_pooling_needs_the_attention_stated(tiny_last, tmp_path) -> None:
+    """A bare checkpoint with last-token pooling (asked, or from its sentence-transformers files) must say
+    causal or bidirectional; a registry model takes both from models.toml."""
+    hf = tiny_last("gte-qwen2").hf_dir
+    proc = run_cli("convert", str(hf), "--as-embedder", "--pooling", "last", "--outdir", str(tmp_path), check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--pooling last needs --causal or --bidirectional" in proc.stderr
+    st = _linked_copy(hf, tmp_path / "st")
+    copy_tokenizer(hf, st)
+    (st / "1_Pooling").mkdir()
+    (st / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_lasttoken": True}))
+    proc = run_cli("convert", str(st), "--as-embedder", "--outdir", str(tmp_path), check=False)
+    assert proc.returncode == 1 and "sentence-transformers files" in proc.stderr, proc.stderr
+    proc = run_cli("convert", "all-minilm-l6-v2", "--pooling", "cls", "--outdir", str(tmp_path), check=False)
+    assert proc.returncode == 1 and "takes its pooling and attention from its entry" in proc.stderr, proc.stderr
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+@pytest.mark.parametrize("name", ["qwen3-embedding", "gte-qwen2"])
+def test_sizes_predicted_to_the_byte(name: str, tiny_last) -> None:
+    """The family's tensor layout (biases, q/k norms, head_dim != hidden/heads, no LM head) is the F16 file's,
+    and quantize/sizes.py gives every quant's bytes exactly; the header within 1 % from config.json alone."""
+    from planner.shapes import from_config
+    from quantize.ladder import quantize
+    from quantize.sizes import file_bytes, read_tensors
+
+    model = tiny_last(name)
+    f16 = model.gguf("f16")
+    derived = from_config(name, json.loads((model.hf_dir / "config.json").read_text()))
+    specs, header = read_tensors(f16)
+    assert sorted(derived.tensors, key=str) == sorted(specs, key=str)
+    assert abs(derived.header_bytes - header) <= 0.01 * f16.stat().st_size
+    quants = ["Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K"]
+    for quant, path in zip(["F16", *quants], [f16, *quantize(f16, quants)], strict=True):
+        predicted = file_bytes(specs, quant, header, derived.layers, derived.n_gqa)
+        assert predicted == path.stat().st_size, (quant, predicted, path.stat().st_size)
