@@ -15,7 +15,14 @@ from planner.policy import plan
 from planner.shapes import resolve_shape
 
 GIB = 2**30
-MODELS = ["llama-embed-nemotron-8b", "nv-embed-v2"]
+# sfr-embedding-mistral and linq-embed-mistral have e5-mistral-7b-instruct's shapes: the same column.
+MODELS = [
+    "llama-embed-nemotron-8b",
+    "nv-embed-v2",
+    "qwen3-embedding-8b",
+    "gte-qwen2-7b-instruct",
+    "e5-mistral-7b-instruct",
+]
 # (label, GPU sizes in GiB, RAM in GiB)
 MACHINES = [
     ("24 GiB GPU", [24], 32),
@@ -44,22 +51,25 @@ def main() -> None:
         hw = with_overrides(Hardware(gpus, ram * GIB, ram * GIB, 8, True, "table"), reserve=reserve)
         cells = []
         for model in MODELS:
+            shape = resolve_shape(model)
             try:
-                c = plan(resolve_shape(model), hw, args.max_length).chosen
+                c = plan(shape, hw, args.max_length).chosen
             except Exception as e:  # a machine too small: say so in the cell
                 cells.append(f"does not fit ({str(e).split(':')[1].strip()})")
                 continue
-            where = {"gpu": "all on GPU", "split": f"{c.n_gpu_layers}/32 layers on GPU", "cpu": "CPU"}[c.fits]
+            layers = f"{c.n_gpu_layers}/{shape.layers} layers on GPU"
+            where = {"gpu": "all on GPU", "split": layers, "cpu": "CPU"}[c.fits]
             mem = f"GPU {c.needs.gpu_total / GIB:.1f} + RAM {c.needs.ram / GIB:.1f} GiB"
             cells.append(f"**{c.quant}** {where} ({mem})")
         print(f"| {label}, {ram} GiB RAM | " + " | ".join(cells) + " |")
     print(f"\n`python -m bench.what_runs_where --max-length {args.max_length}`; GGUF sizes:")
-    shape = resolve_shape(MODELS[0])
     from quantize.quants import FIDELITY
     from quantize.sizes import file_bytes
 
-    sizes = [file_bytes(list(shape.tensors), q, shape.header_bytes, shape.layers, shape.n_gqa) for q in FIDELITY]
-    print(f"{MODELS[0]}: " + ", ".join(f"{q} {b / GIB:.2f} GiB" for q, b in zip(FIDELITY, sizes, strict=True)))
+    for model in MODELS:
+        shape = resolve_shape(model)
+        sizes = [file_bytes(list(shape.tensors), q, shape.header_bytes, shape.layers, shape.n_gqa) for q in FIDELITY]
+        print(f"{model}: " + ", ".join(f"{q} {b / GIB:.2f} GiB" for q, b in zip(FIDELITY, sizes, strict=True)) + "\n")
 
 
 if __name__ == "__main__":

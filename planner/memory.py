@@ -8,6 +8,11 @@ What llama.cpp allocates for an embedding context (sizes it logs, checked in tes
   f16 attention mask, 2 bytes x n_ubatch^2. Fitted to llama.cpp's reports for SmolLM2 and a
   Mistral-7B-shaped layer at n_ubatch 256..4096: within 3 %. Without flash attention the scores
   alone take 4 x heads x n_ubatch^2 bytes;
+- the logits of the qwen2/qwen3 graphs: unlike llama-embed's, they apply the LM head (the tied token
+  embedding) to every token even in embedding mode, so the compute buffer also holds 4 bytes x n_ubatch x
+  vocab (2.3 GiB at n_ubatch 4096 for Qwen's 151k vocabulary): llama.cpp reported the sum within 2 % (over)
+  for tiny Qwen2/Qwen3 models at 512 and 2048. On the CPU when no layer is offloaded; else on the first GPU,
+  where ggml's scheduler offloads a large matmul whose weights sit in RAM (an estimate to confirm on a GPU);
 - output buffer (host): in embedding mode every token of a decode is an output, and llama.cpp 0.3.36
   sizes the buffer for logits as well as embeddings (`output_reserve`: has_logits is always true), so a
   decode of n tokens takes 4 x n x (vocab + hidden) bytes, cleared (so resident) when it grows. The
@@ -28,6 +33,7 @@ from quantize.sizes import file_bytes, layer_bytes
 MIB = 2**20
 RUNTIME = 90 * MIB  # python + numpy + click + llama.cpp, before any model (83 MiB measured)
 VOCAB_BYTES_PER_TOKEN = 400
+LOGITS_ARCHS = ("qwen2", "qwen3")  # graphs that compute logits in embedding mode too
 CUDA_OVERHEAD = 512 * MIB
 HEAD_STEP_ROWS = 512  # runner/latent_attention.py ROWS_PER_STEP
 
@@ -105,6 +111,11 @@ def compute_bytes(shape: ModelShape, s: Settings) -> int:
     return 4 * s.ubatch * (3 * shape.ffn + 4 * shape.hidden + s.n_seq) + 2 * s.ubatch**2
 
 
+def logits_bytes(shape: ModelShape, s: Settings) -> int:
+    """The LM head's output the qwen graphs compute for every token (llama-embed and BERT skip it)."""
+    return 4 * s.ubatch * shape.vocab if shape.arch in LOGITS_ARCHS else 0
+
+
 def output_bytes(shape: ModelShape, s: Settings) -> int:
     return 4 * max(s.n_seq, s.ubatch) * (shape.vocab + shape.hidden)
 
@@ -119,10 +130,13 @@ def needs(shape: ModelShape, quant: str, s: Settings, gpu_layers: tuple[int, ...
     per_layer, other = layer_bytes(list(shape.tensors), quant, shape.layers, shape.n_gqa)
     kv = kv_per_layer(shape, s)
     compute = compute_bytes(shape, s)
+    logits = logits_bytes(shape, s)
+    offloaded = any(gpu_layers)
     gpus, start = [], 0
     for i, n in enumerate(gpu_layers):
         layers = per_layer[start : start + n]
-        used = DeviceNeeds(f"GPU{i}", sum(layers), n * kv, compute, overhead=CUDA_OVERHEAD)
+        extra = logits if offloaded and not any(gpu_layers[:i]) else 0  # the first GPU that runs layers
+        used = DeviceNeeds(f"GPU{i}", sum(layers), n * kv, compute + extra, overhead=CUDA_OVERHEAD)
         gpus.append(used if n else DeviceNeeds(f"GPU{i}"))
         start += n
     cpu_layers = per_layer[start:]
@@ -131,7 +145,7 @@ def needs(shape: ModelShape, quant: str, s: Settings, gpu_layers: tuple[int, ...
         "CPU",
         weights=other + sum(cpu_layers),
         kv_cache=len(cpu_layers) * kv,
-        compute=compute if cpu_layers else 4 * s.ubatch * shape.hidden * 2,
+        compute=(compute if cpu_layers else 4 * s.ubatch * shape.hidden * 2) + (0 if offloaded else logits),
         output=output_bytes(shape, s),
         head=head_runtime_bytes(shape),
         overhead=RUNTIME + VOCAB_BYTES_PER_TOKEN * shape.vocab,

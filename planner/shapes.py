@@ -41,10 +41,11 @@ class ModelShape:
     head_bytes: int = 0  # NV-Embed's latent-attention head, float32 in RAM
     per_token_outputs: bool = False  # pooling none: llama.cpp returns every token's state
     max_length: int | None = None  # the default input length a converted file records (registry's)
+    key_length: int | None = None  # per-head width when it is not hidden / heads (Qwen3-0.6B, 4B)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.key_length or self.hidden // self.heads
 
     @property
     def n_gqa(self) -> int:
@@ -69,6 +70,7 @@ def from_config(name: str, config: dict) -> ModelShape:
         header_bytes=family.header_bytes_per_token * t.vocab + HEADER_SLACK,
         head_bytes=family.head_bytes(),
         per_token_outputs=family.per_token_outputs,
+        key_length=t.head_dim,
     )
 
 
@@ -111,6 +113,7 @@ def from_gguf(path: Path) -> ModelShape:
         head_bytes=head,
         per_token_outputs=fields.get(gguf_keys.POOLING) == "latent-attention",
         max_length=int(fields[gguf_keys.MAX_LENGTH]) if isinstance(fields.get(gguf_keys.MAX_LENGTH), int) else None,
+        key_length=fields.get(f"{arch}.attention.key_length"),
     )
 
 

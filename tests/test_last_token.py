@@ -133,3 +133,75 @@ def test_sizes_predicted_to_the_byte(name: str, tiny_last) -> None:
     for quant, path in zip(["F16", *quants], [f16, *quantize(f16, quants)], strict=True):
         predicted = file_bytes(specs, quant, header, derived.layers, derived.n_gqa)
         assert predicted == path.stat().st_size, (quant, predicted, path.stat().st_size)
+
+
+REGISTRY_ROWS = {
+    # name -> (GGUF arch, layers, hidden, KV heads, head dim, context the GGUF records)
+    "qwen3-embedding-8b": ("qwen3", 36, 4096, 8, 128, 40960),
+    "gte-qwen2-7b-instruct": ("qwen2", 28, 3584, 4, 128, 131072),
+    "e5-mistral-7b-instruct": ("llama-embed", 32, 4096, 8, 128, 4096),  # its 4096-token sliding window
+    "sfr-embedding-mistral": ("llama-embed", 32, 4096, 8, 128, 4096),
+    "linq-embed-mistral": ("llama-embed", 32, 4096, 8, 128, 4096),
+}
+
+
+@pytest.mark.parametrize("name", list(REGISTRY_ROWS))
+def test_registry_rows_plan_before_any_download(name: str) -> None:
+    """Each row's shapes come from models.toml through its family; the planner sizes every quant offline."""
+    from planner.hardware import Hardware
+    from planner.policy import plan
+    from planner.shapes import resolve_shape
+    from quantize.registry import load_registry
+
+    entry = load_registry()[name]
+    assert entry.pooling == "last" and entry.causal is (name != "gte-qwen2-7b-instruct")
+    shape = resolve_shape(name)
+    want = REGISTRY_ROWS[name]
+    assert (shape.arch, shape.layers, shape.hidden, shape.kv_heads, shape.head_dim, shape.context) == want
+    assert entry.dims == shape.hidden
+    gib = 2**30
+    p = plan(shape, Hardware((), 64 * gib, 64 * gib, 8, True, "test"), 4096)
+    assert p.chosen.quant == "F16" and p.device == "cpu"
+    assert [r.needs.file for r in p.rows] == sorted((r.needs.file for r in p.rows), reverse=True)
+
+
+def test_registry_entry_reaches_the_gguf_and_the_query_prompt(tiny_last, tmp_path, monkeypatch) -> None:
+    """Converted under the qwen3-embedding-8b entry (the tiny weights stand in for the hub's), the GGUF records
+    causal attention, last pooling and the card's query format (`Query:` with no space), and queries embed
+    like the reference given that exact text."""
+    import quantize.convert
+    from quantize.registry import load_registry
+    from quantize.source import Source
+    from runner.model import resolve_model
+    from tests.last_token import reference_last_token
+
+    entry = load_registry()["qwen3-embedding-8b"]
+    model = tiny_last("qwen3-embedding")
+    monkeypatch.setattr(quantize.convert, "resolve", lambda *a, **k: Source(model.hf_dir, entry.repo, "test", entry))
+    gguf = convert("qwen3-embedding-8b", tmp_path, "f16")
+    meta = read_metadata(gguf)
+    assert meta["qwen3.attention.causal"] is True and meta["qwen3.pooling_type"] == 3
+    assert meta["embedrunner.prompt.query"] == "Instruct: {task}\nQuery:{text}"
+    text = "how do llamas sleep?"
+    with Engine(gguf) as engine:
+        got = Pipeline(engine, resolve_model(str(gguf))).embed([text], query=True)
+    expected = reference_last_token(model.hf_dir, [f"Instruct: {entry.default_task}\nQuery:{text}"], causal=True)
+    assert cosines(got, expected)[0] >= 0.9999
+
+
+@pytest.mark.parametrize("max_length", [512, 2048])
+def test_buffers_match_llama_cpp(tiny_last, max_length: int) -> None:
+    """KV cache exactly and the compute buffer, logits of every token included (the qwen graphs apply the LM
+    head even in embedding mode), within 3 % of what llama.cpp reports."""
+    from planner.memory import Settings, kv_per_layer, needs
+    from planner.shapes import from_gguf
+    from quantize import llamacpp
+
+    path = tiny_last("qwen3-embedding").gguf("f16")
+    shape, s = from_gguf(path), Settings(max_length)
+    with Engine(path) as engine:
+        engine.reserve(max_length)
+        got = llamacpp.buffer_sizes()
+    mib = 2**20
+    assert got["CPU KV"] == pytest.approx(kv_per_layer(shape, s) * shape.layers / mib, rel=0.01)
+    assert got["CPU compute"] == pytest.approx(needs(shape, "F16", s).cpu.compute / mib, rel=0.03)

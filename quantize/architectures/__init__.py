@@ -31,6 +31,7 @@ class Trunk:
     kv_heads: int
     vocab: int
     context: int  # longest sequence the model was trained for
+    head_dim: int | None = None  # when it is not hidden / heads (Qwen3-0.6B: 16 heads of 128 in 1024)
 
 
 def require(config: dict, key: str, where: str):

@@ -66,7 +66,7 @@ class LlamaArgs:
             vocab_size=require(config, "vocab_size", where),
             head_dim=head_dim,
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=config.get("max_position_embeddings", 4096),
+            max_position_embeddings=_trained_context(config),
             rope_theta=float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0),
             rope_type=rope_type,
             rope=rope,
@@ -150,6 +150,15 @@ class Llama(Family):
         if a.rope_type == "llama3":
             name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
             yield name, llama3_rope_factors(a.rope, a.rope_theta, a.head_dim)
+
+
+def _trained_context(config: dict) -> int:
+    """max_position_embeddings, but no further than a sliding window (Mistral-7B's 4096; NV-Embed sets none):
+    llama.cpp's llama-embed graph attends over the whole sequence, which matches a windowed model only on
+    sequences no longer than its window. The GGUF's context length caps every max length the runner uses."""
+    context = config.get("max_position_embeddings", 4096)
+    window = config.get("sliding_window")
+    return min(context, window) if isinstance(window, int) and window > 0 else context
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:

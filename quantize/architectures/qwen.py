@@ -85,6 +85,7 @@ class _Qwen(Family):
             kv_heads=a.num_key_value_heads,
             vocab=a.vocab_size,
             context=a.max_position_embeddings,
+            head_dim=a.head_dim,
         )
 
     def attention_extras(self, block: str) -> list[TensorSpec]:
