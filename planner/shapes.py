@@ -15,8 +15,9 @@ from quantize import gguf_keys
 from quantize.architectures import for_config
 from quantize.errors import BadInput, CorruptModelFile, ModelNotFound
 from quantize.files import models_home
-from quantize.gguf_header import read_header
+from quantize.gguf_check import check_gguf
 from quantize.manifest import read_metadata
+from quantize.quants import FIDELITY
 from quantize.registry import load_registry
 from quantize.sizes import TensorSpec
 from quantize.source import package_dir, read_config
@@ -76,8 +77,8 @@ def from_config(name: str, config: dict) -> ModelShape:
 
 def from_gguf(path: Path) -> ModelShape:
     """Exact shapes from a GGUF file (any quant: the F16 layout is rebuilt from the tensor shapes)."""
-    read_metadata(path)  # a one-line CorruptModelFile for a file that is not a GGUF
-    header = read_header(path)
+    # A one-line CorruptModelFile for a file that is not a GGUF, or whose hyper-parameters do not match its tensors.
+    header = check_gguf(path)
     fields = header.metadata
     arch = str(fields.get("general.architecture", "?"))
 
@@ -156,4 +157,7 @@ def file_quant(path: Path) -> str:
         name = gguf.LlamaFileType(int(ftype)).name
     except (ValueError, TypeError):
         raise CorruptModelFile(f"{path}: general.file_type {ftype!r} is not a llama.cpp file type") from None
-    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    quant = name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    if quant not in FIDELITY:  # named here: left to the policy, it read as a --quant the user never gave
+        raise BadInput(f"{path}: a {quant} file; the planner sizes {', '.join(FIDELITY)} (runner embed runs it as is)")
+    return quant

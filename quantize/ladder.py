@@ -16,7 +16,8 @@ from tqdm import tqdm
 from quantize import gguf_keys, llamacpp
 from quantize.errors import BadInput, EngineError
 from quantize.files import atomic_path
-from quantize.manifest import read_metadata, record
+from quantize.gguf_check import check_gguf
+from quantize.manifest import record
 from quantize.progress import SILENT, Progress, size
 from quantize.quants import LADDER
 from quantize.sizes import nbytes, read_tensors
@@ -40,7 +41,10 @@ def quantize(
     unknown = [q for q in quants if q not in LADDER]
     if unknown:
         raise BadInput(f"unknown quant {', '.join(unknown)}; choose from {', '.join(LADDER)}")
-    meta = read_metadata(source)  # fails early, with a clear message, on a file that is not a GGUF
+    # Fails early, with a clear message, on a file that is not a GGUF or whose hyper-parameters would crash
+    # llama.cpp's quantizer; a pooling head name with a directory part is refused here, so --outdir D writes in D.
+    meta = check_gguf(source).metadata
+    threads = llamacpp.thread_count(threads, os.cpu_count() or 1)
     llamacpp.init()
     outdir = Path(outdir) if outdir else source.parent
     outdir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +57,7 @@ def quantize(
         started = time.perf_counter()
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
-        params.nthread = threads or os.cpu_count() or 1
+        params.nthread = threads
         with (
             atomic_path(dest) as tmp,
             progress.bar(f"quantize {quant}", sum(tensors.values())) as bar,

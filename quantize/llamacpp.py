@@ -5,12 +5,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 from collections.abc import Callable, Iterator
 
 import llama_cpp
 
+from quantize.errors import BadInput
+
 _LOG_LEVEL_INFO = 2
 _LOG_LEVEL_WARN = 3
+MAX_THREADS = 512  # GGML_MAX_N_THREADS
 _log_lines: list[str] = []
 _buffer_lines: list[str] = []
 _listeners: list[Callable[[str], None]] = []
@@ -54,6 +58,17 @@ def buffer_sizes() -> dict[str, float]:
         label = " ".join(head.split(":", 1)[-1].split())
         out[label] = float(size.split()[0])
     return out
+
+
+def thread_count(threads: int | None, default: int) -> int:
+    """THREADS (default DEFAULT), refused outside 1 .. this machine's logical CPUs: more threads only slow
+    llama.cpp down, and past its 512 (GGML_MAX_N_THREADS) the process crashed (`--threads 100000`: exit 139)."""
+    most = min(os.cpu_count() or 1, MAX_THREADS)
+    if threads is None:
+        return max(1, min(default, most))
+    if not 1 <= threads <= most:
+        raise BadInput(f"--threads {threads}: must be between 1 and {most} (the logical CPUs here)")
+    return threads
 
 
 def last_error() -> str:

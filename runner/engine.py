@@ -20,6 +20,7 @@ import psutil
 from planner.batching import MIN_TOKEN_BUDGET, max_seqs, pack, token_budget
 from quantize import gguf_keys, llamacpp
 from quantize.errors import BadInput, CorruptModelFile, EngineError, OutOfMemory
+from quantize.gguf_check import check_gguf, plain_file_name
 from runner.latent_attention import LatentAttentionHead
 
 log = logging.getLogger("runner")
@@ -41,7 +42,9 @@ class Engine:
     ) -> None:
         llamacpp.init()
         self.path = Path(path)
-        self.n_threads = n_threads or physical_cores()
+        self.n_threads = llamacpp.thread_count(n_threads, physical_cores())
+        # llama.cpp trusts a GGUF's hyper-parameters (a bad one aborts the process): check them first.
+        check_gguf(self.path)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         if tensor_split:
@@ -85,7 +88,7 @@ class Engine:
             if n < 0:
                 return None
             if n < size:
-                return buf.value.decode("utf-8")
+                return buf.value.decode("utf-8", "replace")
             size = n + 1
 
     def _load_hf_tokenizer(self):
@@ -94,7 +97,13 @@ class Engine:
             return None
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_str(self.meta("tokenizer.huggingface.json") or "")
+        try:
+            tok = Tokenizer.from_str(self.meta("tokenizer.huggingface.json") or "")
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # a parse error, or a panic in the Rust library (not an Exception subclass)
+            why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise CorruptModelFile(f"{self.path}: its tokenizer.huggingface.json is not a tokenizer ({why})") from None
         tok.no_truncation()  # we truncate ourselves, keeping the closing special token
         tok.no_padding()
         return tok
@@ -106,7 +115,12 @@ class Engine:
         name = self.meta(gguf_keys.HEAD_FILE)
         if not name:
             raise CorruptModelFile(f"{self.path}: latent-attention pooling but no head file recorded; re-convert")
-        return LatentAttentionHead(self.path.parent / name, self.meta(gguf_keys.HEAD_SHA256), self.path)
+        # Only ever a file beside the model: a name with a directory part would load a GGUF from anywhere.
+        name = plain_file_name(name, str(self.path), gguf_keys.HEAD_FILE)
+        head = LatentAttentionHead(self.path.parent / name, self.meta(gguf_keys.HEAD_SHA256), self.path)
+        if head.hidden != self.n_embd:
+            raise CorruptModelFile(f"{self.path}: its pooling head {name} is {head.hidden} wide, not {self.n_embd}")
+        return head
 
     def flag(self, key: str) -> bool:
         return self.meta(key) == "true"

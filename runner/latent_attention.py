@@ -57,9 +57,12 @@ class LatentAttentionHead:
                 "recorded at conversion); re-run `runner convert` and re-quantize so trunk and head match"
             )
         try:
-            reader = gguf.GGUFReader(path)
-        except Exception as e:
-            raise CorruptModelFile(f"{path}: not a readable GGUF file ({e}); re-run `runner convert`") from None
+            self._load(gguf.GGUFReader(path))
+        except Exception as e:  # a sidecar missing a key or tensor, or of the wrong shapes, is corrupt too
+            why = f"{type(e).__name__}: {e}"[:200]
+            raise CorruptModelFile(f"{path}: not a readable pooling head ({why}); re-run `runner convert`") from None
+
+    def _load(self, reader: gguf.GGUFReader) -> None:
         arch = reader.fields["general.architecture"].contents()
         t = {tensor.name: np.asarray(tensor.data, dtype=np.float32) for tensor in reader.tensors}
         self.n_heads = int(reader.fields[f"{arch}.head_count"].contents())
@@ -73,6 +76,21 @@ class LatentAttentionHead:
         self.down_t = t["ffn_down.weight"].T  # ffn x hidden
         self.down_b = t["ffn_down.bias"]
         self.hidden = self.scores.shape[0]
+        h, ffn2 = self.hidden, self.up_t.shape[1]
+        want = {
+            "scores": ((h, self.values.shape[0]), self.scores.shape),
+            "values": ((self.scores.shape[1], h), self.values.shape),
+            "ffn_up.weight": ((h, ffn2), self.up_t.shape),
+            "ffn_down.weight": ((ffn2 // 2, h), self.down_t.shape),
+        }
+        for name, (expected, got) in want.items():
+            if got != expected:
+                raise ValueError(f"tensor {name} is {got}, expected {expected}")
+        vectors = (*self.attn_norm, *self.ffn_norm, self.down_b)
+        if any(v.shape != (h,) for v in vectors) or self.up_b.shape != (ffn2,) or not 0 < self.n_heads:
+            raise ValueError("norm, bias or head count does not match the head's width")
+        if self.scores.shape[1] % self.n_heads or not np.isfinite(self.eps):
+            raise ValueError(f"{self.scores.shape[1]} latent columns do not split into {self.n_heads} heads")
 
     def forward(self, h: np.ndarray) -> np.ndarray:
         """Each row (a token's final hidden state, float32) through the head."""

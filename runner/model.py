@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,13 +10,15 @@ from quantize import gguf_keys
 from quantize.convert import convert, made_from
 from quantize.errors import BadInput, ModelNotFound
 from quantize.files import models_home
+from quantize.gguf_check import check_gguf
 from quantize.ladder import quantize
-from quantize.manifest import read_metadata
 from quantize.progress import SILENT, Progress, size
 from quantize.quants import LADDER, PREFERENCE
 from quantize.registry import ModelEntry, load_registry
 from quantize.source import resolve
 from quantize.store import base_file, on_disk, remove, serves, usable
+
+_PLACEHOLDER = re.compile(r"\{(task|text)\}")
 
 
 @dataclass(frozen=True)
@@ -30,14 +33,16 @@ class Prompts:
         return Prompts("{text}", "{text}", None)
 
     def apply(self, text: str, query: bool, task: str | None, where: str) -> str:
-        if not query:
-            return self.document.format(text=text)
-        if "{task}" in self.query:
+        """The template with `{task}` and `{text}` put in literally, in one pass (a task holding "{text}" stays
+        as it is). Never str.format: templates come from the GGUF, and format specs in them are code."""
+        template = self.query if query else self.document
+        values = {"text": text}
+        if query and "{task}" in template:
             task = task or self.default_task
             if not task:
                 raise BadInput(f"{where}: --query needs --task (this model has no default task)")
-            return self.query.format(task=task, text=text)
-        return self.query.format(text=text)
+            values["task"] = task
+        return _PLACEHOLDER.sub(lambda m: values.get(m[1], m[0]), template)
 
     def instruction(self, query: bool, task: str | None, where: str) -> str:
         """The text the template puts before the input (NV-Embed's `instruction`), e.g. 'Instruct: ...\\nQuery: '."""
@@ -95,7 +100,8 @@ def resolve_model(
             gguf_path = _pick(home, quant, keep_f16, progress)
         else:
             gguf_path = _from_checkpoint(model, quant, keep_f16, progress)
-    meta = read_metadata(gguf_path)
+    # Checked before anything trusts it: hyper-parameters against the tensors, prompt templates, head file name.
+    meta = check_gguf(gguf_path).metadata
     prompts = Prompts(
         query=str(meta.get(gguf_keys.QUERY_PROMPT) or (entry.query_prompt if entry else "{text}")),
         document=str(meta.get(gguf_keys.DOCUMENT_PROMPT) or (entry.document_prompt if entry else "{text}")),
