@@ -41,14 +41,33 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _identity(path: Path) -> dict[str, int]:
+    """What says, without reading it, that a file is still the one whose sha256 was recorded."""
+    st = path.stat()
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def _read(manifest_path: Path) -> dict:
+    if not manifest_path.is_file():
+        return {"files": {}}
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if not isinstance(manifest.get("files"), dict):
+            raise ValueError("no files table")
+        return manifest
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptModelFile(f"{manifest_path}: not a manifest ({e}); delete it and re-create the models") from None
+
+
 def record(path: Path, quant: str, progress: Progress = SILENT) -> None:
     """Add PATH to its directory's manifest.json: quant, bytes, sha256, source and converter version."""
     meta = read_metadata(path)
     with progress.bar(f"sha256 {path.name}", path.stat().st_size) as bar:
         digest = sha256(path, bar.update)
+    identity = _identity(path)
     entry = {
         "quant": quant,
-        "bytes": path.stat().st_size,
+        **identity,
         "sha256": digest,
         "source_repo": meta.get(gguf_keys.SOURCE_REPO),
         "source_revision": meta.get(gguf_keys.SOURCE_REVISION),
@@ -56,7 +75,7 @@ def record(path: Path, quant: str, progress: Progress = SILENT) -> None:
     }
     manifest_path = path.parent / MANIFEST
     with _locked(path.parent):  # read-modify-write under the lock
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"files": {}}
+        manifest = _read(manifest_path)
         manifest["files"][path.name] = entry
         manifest["files"] = dict(sorted(manifest["files"].items()))
         write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
@@ -75,3 +94,63 @@ def forget(directory: Path, names: list[str]) -> None:
             write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
         else:
             manifest_path.unlink()
+
+
+def _restamp(path: Path, digest: str) -> None:
+    """PATH still has the recorded DIGEST but was copied or touched: record its new identity, so the next run
+    need not hash it again. Best effort: a read-only model directory just means hashing again next time."""
+    manifest_path = path.parent / MANIFEST
+    try:
+        with _locked(path.parent):
+            manifest = _read(manifest_path)
+            entry, identity = manifest["files"].get(path.name), _identity(path)
+            if isinstance(entry, dict) and entry.get("sha256") == digest and entry | identity != entry:
+                entry.update(identity)
+                write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    except (OSError, CorruptModelFile):
+        pass
+
+
+def content_sha256(path: Path) -> str:
+    """PATH's sha256, cheaply: the one manifest.json records while the file is still the one recorded (same
+    size, mtime and inode), else hashed now. What `--resume` ties a run to: a path and a size are not an identity
+    (another file of the same size resumed into NaN rows).
+
+    A file whose content changed keeps its old entry, for `runner verify` to report.
+    """
+    try:
+        entry = _read(path.parent / MANIFEST)["files"].get(path.name)
+    except (OSError, CorruptModelFile):
+        entry = None
+    if isinstance(entry, dict) and isinstance(entry.get("sha256"), str):
+        if all(entry.get(k) == v for k, v in _identity(path).items()):
+            return entry["sha256"]
+    digest = sha256(path)
+    if isinstance(entry, dict) and entry.get("sha256") == digest:
+        _restamp(path, digest)
+    return digest
+
+
+def verify(directory: Path, only: str | None = None) -> list[tuple[Path, str | None]]:
+    """Hash each file DIRECTORY's manifest.json records (or only the file named ONLY) against it.
+
+    Returns (path, problem) pairs, problem None when the file matches; GGUF files the manifest does not
+    record are listed with the problem "not in manifest.json".
+    """
+    files = _read(directory / MANIFEST)["files"]
+    names = [only] if only else sorted(set(files) | {p.name for p in directory.glob("*.gguf")})
+    out: list[tuple[Path, str | None]] = []
+    for name in names:
+        path, entry = directory / name, files.get(name)
+        if not isinstance(entry, dict):
+            out.append((path, f"not in {MANIFEST}: nothing to check it against"))
+        elif not path.is_file():
+            out.append((path, f"missing (recorded in {MANIFEST})"))
+        elif path.stat().st_size != entry.get("bytes"):
+            out.append((path, f"{path.stat().st_size} bytes, {MANIFEST} recorded {entry.get('bytes')}"))
+        elif (digest := sha256(path)) != entry.get("sha256"):
+            out.append((path, f"sha256 {digest[:16]}… differs from the one {MANIFEST} recorded; re-create it"))
+        else:
+            out.append((path, None))
+            _restamp(path, digest)
+    return out

@@ -308,7 +308,8 @@ def embed(
     )  # fmt: skip
     options = dict(query=query, task=task, normalize=normalize, max_length=pipeline.max_length, fmt=fmt, dtype=dtype)
     with pipeline:
-        key = run_key(pipeline.model.path, options | {"chunk": chunk_size})
+        # Only a file output can be resumed, so only then is the model's content identity needed.
+        key = run_key(pipeline.model.path, options | {"chunk": chunk_size}) if output else ""
         sink = VectorSink(output, fmt, dtype, key, resume)
         stats, started = Stats(), time.perf_counter()
         total = None if input_file == "-" else len(texts) + ((count_lines(input_file) or 0) if input_file else 0)
@@ -509,3 +510,43 @@ def rm_cmd(model: str, quants: tuple[str, ...]) -> None:
     if not quants and entry and entry.repo and not entry.package and (snap := cached_snapshot(entry.repo, None)):
         held = sum(f.stat().st_size for f in source_files(snap))
         click.echo(f"the download ({size(held)}) stays in the Hugging Face cache: `hf cache rm model/{entry.repo}`")
+
+
+@main.command()
+@click.argument("model", required=False)
+def verify(model: str | None) -> None:
+    """Check GGUF files against the sha256 manifest.json recorded when they were made.
+
+    MODEL: a GGUF file, a model directory or a registry name; default: every model under the models home.
+    Exits 1 when a file is missing or differs from its record.
+    """
+    from quantize.files import models_home
+    from quantize.manifest import MANIFEST
+    from quantize.manifest import verify as run_verify
+
+    path = Path(model).expanduser() if model else None
+    if path is not None and path.is_file():
+        results = run_verify(path.parent, only=path.name)
+    else:
+        if path is not None and path.is_dir():
+            directories = [path]
+        elif model:
+            directories = [models_home() / model]
+        else:
+            directories = sorted(p.parent for p in models_home().glob(f"*/{MANIFEST}"))
+        if model and not (directories[0] / MANIFEST).is_file():
+            raise BadInput(f"{model}: no {MANIFEST} there to check against (no such file, directory or model on disk)")
+        results = [r for d in directories for r in run_verify(d)]
+    bad = unrecorded = 0
+    for file, problem in results:
+        if problem is None:
+            click.echo(f"ok   {file}")
+        elif problem.startswith("not in "):
+            unrecorded += 1
+            click.echo(f"?    {file}: {problem}")
+        else:
+            bad += 1
+            click.echo(f"BAD  {file}: {problem}")
+    click.echo(f"{len(results) - bad - unrecorded} ok, {bad} bad, {unrecorded} not recorded", err=True)
+    if bad or (path is not None and path.is_file() and unrecorded):
+        sys.exit(1)

@@ -19,6 +19,7 @@ import numpy as np
 
 from quantize.errors import BadInput
 from quantize.files import atomic_path, write_text_atomic
+from quantize.manifest import content_sha256
 
 FORMATS = ("npy", "jsonl", "parquet")
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -210,7 +211,8 @@ def _write_parquet(path: Path, parts: list[np.ndarray], dims: int) -> None:
 
 
 def run_key(model: Path, options: dict) -> str:
-    """What a resumed run must share with the interrupted one besides its texts: the model file and options."""
+    """What a resumed run must share with the interrupted one besides its texts: the model's content (its sha256,
+    taken from manifest.json while the file is unchanged) and the options."""
     h = hashlib.sha256()
-    h.update(json.dumps({"model": str(model.resolve()), "size": model.stat().st_size, **options}).encode())
+    h.update(json.dumps({"model": content_sha256(model), **options}).encode())
     return h.hexdigest()
