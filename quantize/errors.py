@@ -29,6 +29,10 @@ class EngineError(UserError):
     pass
 
 
+class DiskFull(UserError):
+    """No room to write an output: the message names the path, the bytes it needs and what is kept."""
+
+
 class NotEnoughDisk(UserError):
     """The filesystem a run writes to cannot hold what it would write: refused before the first byte."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,13 @@ class _OneLine(logging.Formatter):
     """`warning: message` on stderr, as the CLI's own errors read."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {record.getMessage()}"
+        return f"{record.levelname.lower()}: {_one_line(record.getMessage())}"
+
+
+def _one_line(message: object) -> str:
+    """MESSAGE with line breaks and control characters escaped: an error is one line, and text from a hostile
+    file (a key, a name) must not drive the terminal with escape sequences."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
 
 
 class _Cli(click.Group):
@@ -38,14 +45,28 @@ class _Cli(click.Group):
         except UserError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_one_line(e)}", err=True)
             sys.exit(1)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
+        except KeyboardInterrupt as e:
+            # Ctrl-C: say what is safe and how to go on (a command may say it in E), and exit as Unix tools do.
+            click.echo(f"interrupted{': ' + str(e) if str(e) else ''}", err=True)
+            sys.exit(130)
+        except BrokenPipeError:
+            # The reader went away (`runner models | head -3`): stop quietly, as Unix tools do; stdout goes
+            # to /dev/null so the interpreter's last flush does not fail a second time.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)  # 128 + SIGPIPE: what a shell reports for a tool a closed pipe stopped
+        except OSError as e:  # the file system said no (permissions, a full disk): name the file
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {_one_line(f'{e.filename}: ' if e.filename else '')}{e.strerror or e}", err=True)
+            sys.exit(1)
         except Exception as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {type(e).__name__}: {e} (rerun with --debug for a traceback)", err=True)
+            click.echo(f"error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for a traceback)", err=True)
             sys.exit(2)
 
 
@@ -283,7 +304,7 @@ def embed(
     from tqdm import tqdm
 
     from quantize.progress import Progress
-    from runner.io import VectorSink, count_lines, output_format, read_texts, run_key
+    from runner.io import OutputLock, VectorSink, count_lines, output_format, read_texts, run_key
     from runner.pipeline import Stats, open_pipeline
 
     if not texts and not input_file:
@@ -295,6 +316,8 @@ def embed(
     if input_file and input_file != "-" and not Path(input_file).is_file():
         raise BadInput(f"{input_file}: no such input file")
     fmt = output_format(output, fmt)
+    if output:  # one run owns an output: a second one is refused now, before it loads a model (until we exit)
+        click.get_current_context().with_resource(OutputLock(Path(output)))
     # Read lazily: the texts stream through the pipeline a chunk at a time, whatever the input's size.
     items = itertools.chain(texts, read_texts(input_file, field, errors) if input_file else ())
 
@@ -326,6 +349,9 @@ def embed(
                     bar.update(chunk.count)
                     rate = stats.tokens / (time.perf_counter() - started)
                     bar.set_postfix_str(f"{rate:.0f} tokens/s", refresh=False)
+            except KeyboardInterrupt:
+                sink.abandon()
+                raise KeyboardInterrupt(sink.interrupted()) from None
             except BaseException:
                 sink.abandon()
                 raise

@@ -3,13 +3,20 @@
 Large runs stream: texts are read lazily, vectors go to `<output>.parts/` one chunk at a time (each
 part written atomically), and the output file is assembled from the parts when the last one is done.
 `--resume` reuses the parts of an interrupted run with the same model and options (the run key in
-parts/run.json) and the same texts (each part's name carries the digest of every text up to its end).
+parts/run.json: the model's sha256, not its path) and the same texts (each part's name carries the digest
+of every text up to its end). One run at a time owns an output (`OutputLock`), and a full disk is a
+one-line error that keeps the parts for `--resume`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
+import io
 import json
+import os
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
@@ -17,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quantize.errors import BadInput
+from quantize.errors import BadInput, DiskFull
 from quantize.files import atomic_path, write_text_atomic
 from quantize.manifest import content_sha256
 
@@ -89,6 +96,48 @@ def output_format(path: str | None, fmt: str | None) -> str:
     return "jsonl"
 
 
+class OutputLock:
+    """`<output>.lock`: while one run holds it no other run writes OUTPUT (two runs into one file mixed their rows).
+
+    An flock, so the kernel drops it when its holder dies, however it dies: a crashed run's lock is never stale
+    and nothing has to guess from PIDs. The holder writes its PID into the file, to be named to a refused run.
+    """
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.path = output.with_name(output.name + ".lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+                os.close(fd)
+                raise BadInput(
+                    f"{self.output}: another run (PID {holder}) is writing it; wait for it to end or choose another -o"
+                ) from None
+            try:  # a holder that ended removed the file between our open and our lock: lock the new file instead
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # still holding it, so no other run can have it
+            os.close(self.fd)
+            self.fd = None
+
+
 class VectorSink:
     """Where a run's vectors go: stdout (JSON lines as they come) or OUTPUT, assembled from chunk parts."""
 
@@ -101,19 +150,55 @@ class VectorSink:
         self.fmt, self.dtype = fmt, DTYPES[dtype]
         self.parts = self.path.with_name(self.path.name + ".parts") if self.path else None
         self.written: list[Path] = []
-        self.printed = 0
+        self.printed = 0  # vectors sent to stdout
         if self.parts is None:
             return
         run = self.parts / "run.json"
         if resume and run.is_file():
-            if json.loads(run.read_text()).get("run") != run_key:
+            try:
+                same = json.loads(run.read_text()).get("run") == run_key
+            except (ValueError, AttributeError):
+                same = False
+            if not same:
                 raise BadInput(
                     f"{self.parts}: left by a run with another model or options; delete it or run without --resume"
                 )
             return
         shutil.rmtree(self.parts, ignore_errors=True)
-        self.parts.mkdir(parents=True)
-        write_text_atomic(run, json.dumps({"run": run_key}) + "\n")
+        with self._writing(run, 4096):
+            self.parts.mkdir(parents=True)
+            write_text_atomic(run, json.dumps({"run": run_key}) + "\n")
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path, need: int | None) -> Iterator[None]:
+        """An OSError while writing PATH as one line naming it; a full disk also says the bytes NEED(ed), the
+        bytes free and what is kept for --resume."""
+        try:
+            yield
+        except OSError as e:
+            kept = ""
+            if saved := self.saved():
+                kept = f"; the {saved} texts done are kept in {self.parts}: the same command with --resume goes on"
+            free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                needs = f"needs {need} bytes, " if need is not None else ""
+                raise DiskFull(f"{path}: disk full ({needs}{free} bytes free){kept}") from None
+            raise BadInput(f"{path}: cannot write it ({e.strerror or e}){kept}") from None
+
+    def saved(self) -> int:
+        """Texts in the complete parts on disk: what --resume will not embed again. Counted on disk, not as
+        parts are written, so a signal between a part's rename and the count cannot make it wrong."""
+        if self.parts is None or not self.parts.is_dir():
+            return 0
+        return sum(len(np.load(p, mmap_mode="r")) for p in self.parts.glob("*.npy"))
+
+    def interrupted(self) -> str:
+        """What an interrupted run leaves, for the line it ends with."""
+        if self.parts is None:
+            return f"{self.printed} vectors were printed"
+        if not (saved := self.saved()):
+            return "nothing was written"
+        return f"{saved} texts are safely on disk in {self.parts}; the same command with --resume continues"
 
     def done(self, chunk: int, digest: str) -> bool:
         """Whether an interrupted run left CHUNK for the same texts (DIGEST); a part for other texts is an error."""
@@ -139,11 +224,15 @@ class VectorSink:
             for i, v in enumerate(vectors, first):
                 sys.stdout.write(json.dumps({"id": i, "embedding": v.astype(np.float32).tolist()}) + "\n")
             sys.stdout.flush()
+            self.printed += len(vectors)
             return
         part = self._part(chunk, digest)
-        with atomic_path(part) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, vectors.astype(self.dtype))
+        data = np.ascontiguousarray(vectors, dtype=self.dtype)
+        header = _npy_header(data.shape, self.dtype)
+        with self._writing(part, len(header) + data.nbytes), atomic_path(part) as tmp:
+            with open(tmp, "wb") as f:  # f.write, not np.save: its tofile() loses the errno of a full disk
+                f.write(header)
+                f.write(data.data)
         self.written.append(part)
 
     def abandon(self) -> None:
@@ -158,15 +247,17 @@ class VectorSink:
         parts = [np.load(p, mmap_mode="r") for p in self.written]
         n = sum(len(p) for p in parts)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path) as tmp:
+        header = _npy_header((n, dims), self.dtype)
+        nbytes = len(header) + n * dims * np.dtype(self.dtype).itemsize
+        with self._writing(self.path, nbytes if self.fmt == "npy" else None), atomic_path(self.path) as tmp:
             if self.fmt == "npy":
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype, shape=(n, dims))
-                start = 0
-                for p in parts:
-                    out[start : start + len(p)] = p
-                    start += len(p)
-                out.flush()
-                del out
+                # Written, not memory-mapped: a full disk under a memory map is a SIGBUS that kills the process
+                # with no message. The space is claimed first, so a full disk fails before any data is written.
+                with open(tmp, "wb") as f:
+                    _reserve(f, nbytes)
+                    f.write(header)
+                    for p in parts:
+                        f.write(np.ascontiguousarray(p, dtype=self.dtype).data)
             elif self.fmt == "jsonl":
                 with open(tmp, "w", encoding="utf-8") as f:
                     i = 0
@@ -178,6 +269,25 @@ class VectorSink:
                 _write_parquet(tmp, parts, dims)
         del parts
         shutil.rmtree(self.parts, ignore_errors=True)
+
+
+def _npy_header(shape: tuple[int, ...], dtype: type) -> bytes:
+    """The .npy header np.save writes for an array of SHAPE and DTYPE (format 1.0)."""
+    buf = io.BytesIO()
+    d = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buf, d)
+    return buf.getvalue()
+
+
+def _reserve(f, nbytes: int) -> None:
+    """Claim NBYTES of disk for F now (ENOSPC here, not halfway through)."""
+    if nbytes <= 0:
+        return
+    try:
+        os.posix_fallocate(f.fileno(), 0, nbytes)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system without fallocate: the writes will say
+            raise
 
 
 def _pyarrow():
