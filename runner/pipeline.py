@@ -21,7 +21,7 @@ from planner import HardwareOptions, Plan, disk, plan_for
 from planner.batching import MIN_TOKEN_BUDGET
 from planner.policy import max_length_for
 from quantize import gguf_keys
-from quantize.errors import BadInput
+from quantize.errors import BadInput, CorruptModelFile
 from quantize.progress import SILENT, Progress
 from runner.engine import Engine, open_engine
 from runner.model import ResolvedModel, resolve_model
@@ -169,6 +169,12 @@ class Pipeline:
     def vectors(self, tokenized: Tokenized, *, normalize: bool = True, first_index: int = 0) -> np.ndarray:
         """One float32 row per sequence, in order; L2-normalised unless NORMALIZE is False."""
         vectors = self.engine.embed_tokens(tokenized.seqs, skips=tokenized.skips, first_index=first_index)
+        bad = ~np.isfinite(vectors).all(axis=1)
+        if bad.any():  # corrupt weights: a NaN row is no vector, and NaN is not even valid JSON
+            raise CorruptModelFile(
+                f"input {first_index + int(bad.argmax()) + 1}: {self.engine.path} gave a non-finite vector "
+                "(NaN or infinity); its weights are likely corrupt: check it with `runner verify`"
+            )
         if normalize:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors /= np.maximum(norms, 1e-12)
