@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -19,7 +20,11 @@ def models_home() -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside PATH; on success fsync it and rename it to PATH, else delete it."""
+    """Yield a temp path beside PATH; on success fsync it and rename it to PATH, else delete it.
+
+    Temp files of PATH that a killed process left (kill -9 mid-conversion: its PID is gone) are removed first.
+    """
+    _remove_orphans(path)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         yield tmp
@@ -36,6 +41,24 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.close(dir_fd)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete `.<name>.partial-<PID>` files beside PATH whose writer no longer runs (a live one is left alone)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and 0 < int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # another user's process
+        return True
+    except (ProcessLookupError, OverflowError):  # gone, or a number no process can have
+        return False
+    return True
 
 
 def write_text_atomic(path: Path, text: str) -> None:
