@@ -262,6 +262,8 @@ def _write_metadata(
         values[gguf_keys.DOCUMENT_PROMPT] = entry.document_prompt
         if entry.default_task:
             values[gguf_keys.DEFAULT_TASK] = entry.default_task
+        if entry.matryoshka_dims:
+            values[gguf_keys.MATRYOSHKA_DIMS] = ",".join(str(d) for d in entry.matryoshka_dims)
     for key, value in values.items():
         if isinstance(value, bool):
             w.add_bool(key, value)

@@ -23,6 +23,9 @@ TOKENIZER = f"{NAMESPACE}.tokenizer"
 # A Unicode normalisation the HF tokenizer applies first and llama.cpp's does not ("NFC" for Qwen2's BPE):
 # the runner normalises each text that way before handing it to llama.cpp's tokenizer.
 NORMALIZER = f"{NAMESPACE}.tokenizer.normalizer"
+# Matryoshka: the dimensions the model was trained to be cut to, comma-separated, rising to its width
+# ("32,64,...,4096"); a model without it refuses --dimensions (runner/compact.py).
+MATRYOSHKA_DIMS = f"{NAMESPACE}.matryoshka.dims"
 # Latent-attention pooling (NV-Embed): llama.cpp returns per-token states (pooling none) and the runner
 # applies the head stored in a sidecar GGUF next to the trunk; its sha256 ties the two together.
 HEAD_FILE = f"{NAMESPACE}.head.file"

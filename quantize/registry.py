@@ -33,6 +33,8 @@ class ModelEntry:
     causal: bool = False
     # config.json keys that give the model's shapes, so `runner plan` works before download
     shape: dict | None = None
+    # Matryoshka: the dimensions the model was trained to be cut to, rising to `dims` (none: it cannot be cut)
+    matryoshka_dims: list[int] | None = None
 
     def config(self) -> dict:
         """An HF config.json stand-in built from the shape table."""
@@ -69,6 +71,11 @@ def load_registry(path: Path | None = None) -> dict[str, ModelEntry]:
             raise BadInput(f"{path}: [{name}] is incomplete ({e})") from None
         if entry.pooling not in POOLINGS:
             raise BadInput(f"{path}: [{name}] pooling {entry.pooling!r} is not one of {POOLINGS}")
+        dims = entry.matryoshka_dims
+        if dims is not None and (
+            not all(isinstance(d, int) and d > 0 for d in dims) or dims != sorted(set(dims)) or dims[-1] != entry.dims
+        ):
+            raise BadInput(f"{path}: [{name}] matryoshka_dims must be rising whole numbers ending at {entry.dims}")
         if entry.repo is None and entry.package is None:
             raise BadInput(f"{path}: [{name}] needs `repo` (a hub repo id) or `package` (an installed snapshot)")
         entries[name] = entry

@@ -65,10 +65,13 @@ class Embedder:
         show_progress_bar: bool = False,
         query: bool = False,
         task: str | None = None,
+        dimensions: int | None = None,
     ) -> np.ndarray:
         """float32 vectors, one row per text (a 1-D vector for a single string).
 
-        batch_size texts go to the engine per call (it packs them into micro-batches itself).
+        batch_size texts go to the engine per call (it packs them into micro-batches itself). dimensions: keep
+        the first N of a Matryoshka model's dimensions (re-normalised with normalize_embeddings); a model not
+        trained for it refuses.
         """
         from tqdm import tqdm
 
@@ -76,9 +79,12 @@ class Embedder:
             raise BadInput(f"batch_size {batch_size!r}: must be a whole number of at least 1")
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(sentences)
-        out = np.empty((len(texts), self.dims), dtype=np.float32)
+        dims = self.pipeline.check_dimensions(dimensions) or self.dims
+        out = np.empty((len(texts), dims), dtype=np.float32)
         with tqdm(total=len(texts), unit="text", disable=not show_progress_bar) as bar:
-            chunks = self.pipeline.stream(texts, batch_size, query=query, task=task, normalize=normalize_embeddings)
+            chunks = self.pipeline.stream(
+                texts, batch_size, query=query, task=task, normalize=normalize_embeddings, dimensions=dimensions
+            )
             for chunk in chunks:
                 out[chunk.first : chunk.first + chunk.count] = chunk.vectors
                 bar.update(chunk.count)

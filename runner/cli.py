@@ -89,9 +89,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--outdir", type=click.Path(file_okay=False, path_type=Path), help="Default: the models cache.")
 @click.option("--outtype", type=click.Choice(["f16", "bf16", "f32"]), default="f16", show_default=True)
 @click.option("--revision", help="Hub revision (branch, tag or commit) to download.")
-@click.option(
-    "--as-embedder", is_flag=True, help="Run a causal-LM checkpoint as an embedder (its LM head dropped)."
-)
+@click.option("--as-embedder", is_flag=True, help="Run a causal-LM checkpoint as an embedder (its LM head dropped).")
 @click.option(
     "--pooling",
     type=click.Choice(["mean", "last", "cls"]),
@@ -260,6 +258,7 @@ def _show_disk(disk) -> None:
 @click.option("--query/--document", default=False, help="Apply the model's query instruction (default: document).")
 @click.option("--task", help="Instruction for --query (default: the model's).")
 @click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalise vectors.")
+@click.option("--dimensions", type=int, help="Matryoshka models: keep the first N dimensions (then L2-normalise).")
 @click.option("--max-length", type=int, help="Truncate inputs to this many tokens (default: the model's).")
 @click.option("--no-truncate", is_flag=True, help="An input over the max length is an error, not cut.")
 @click.option("--threads", type=int, help="Default: physical cores.")
@@ -288,6 +287,7 @@ def embed(
     query: bool,
     task: str | None,
     normalize: bool,
+    dimensions: int | None,
     max_length: int | None,
     no_truncate: bool,
     threads: int | None,
@@ -331,6 +331,8 @@ def embed(
     )  # fmt: skip
     options = dict(query=query, task=task, normalize=normalize, max_length=pipeline.max_length, fmt=fmt, dtype=dtype)
     with pipeline:
+        dims = pipeline.check_dimensions(dimensions) or pipeline.dims  # refused before any input is read
+        options |= {"dimensions": dims} if dims != pipeline.dims else {}
         # Only a file output can be resumed, so only then is the model's content identity needed.
         key = run_key(pipeline.model.path, options | {"chunk": chunk_size}) if output else ""
         sink = VectorSink(output, fmt, dtype, key, resume)
@@ -340,7 +342,7 @@ def embed(
         with tqdm(total=total, unit="text", file=sys.stderr, delay=1.0, disable=not show) as bar:
             chunks = pipeline.stream(
                 items, chunk_size, run_key=key, skip=sink.done, stats=stats,
-                query=query, task=task, normalize=normalize, truncate=not no_truncate,
+                query=query, task=task, normalize=normalize, truncate=not no_truncate, dimensions=dimensions,
             )  # fmt: skip
             try:
                 for chunk in chunks:
@@ -355,7 +357,7 @@ def embed(
             except BaseException:
                 sink.abandon()
                 raise
-        sink.finish(pipeline.dims)
+        sink.finish(dims)
     seconds = time.perf_counter() - started
     if stats.truncated:
         click.echo(

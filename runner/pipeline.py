@@ -23,6 +23,7 @@ from planner.policy import max_length_for
 from quantize import gguf_keys
 from quantize.errors import BadInput, CorruptModelFile
 from quantize.progress import SILENT, Progress
+from runner import compact
 from runner.engine import Engine, open_engine
 from runner.model import ResolvedModel, resolve_model
 
@@ -96,6 +97,7 @@ class Pipeline:
         self.max_length = max_length_for(asked, self.model.max_length, engine.n_ctx_train)
         self._append_eos = engine.flag(gguf_keys.APPEND_EOS)
         self._skip_instruction = engine.flag(gguf_keys.POOL_SKIP_INSTRUCTION)
+        self.matryoshka_dims = compact.parse_dims(engine.meta(gguf_keys.MATRYOSHKA_DIMS), engine.n_embd, engine.path)
 
     @property
     def dims(self) -> int:
@@ -104,6 +106,10 @@ class Pipeline:
     @property
     def vocab_size(self) -> int:
         return self.engine.n_vocab
+
+    def check_dimensions(self, dimensions: int | None) -> int | None:
+        """DIMENSIONS if this model can be cut to it (None: full width), else a BadInput saying why not."""
+        return compact.check_dimensions(dimensions, self.dims, self.matryoshka_dims, self.model.name)
 
     # --- one batch ----------------------------------------------------------------------------
     def tokenize(
@@ -166,8 +172,12 @@ class Pipeline:
         out.seqs.append(tokens)
         out.skips.append(skip)
 
-    def vectors(self, tokenized: Tokenized, *, normalize: bool = True, first_index: int = 0) -> np.ndarray:
-        """One float32 row per sequence, in order; L2-normalised unless NORMALIZE is False."""
+    def vectors(
+        self, tokenized: Tokenized, *, normalize: bool = True, first_index: int = 0, dimensions: int | None = None
+    ) -> np.ndarray:
+        """One float32 row per sequence, in order; cut to its first DIMENSIONS (Matryoshka models), then
+        L2-normalised unless NORMALIZE is False."""
+        dimensions = self.check_dimensions(dimensions)
         vectors = self.engine.embed_tokens(tokenized.seqs, skips=tokenized.skips, first_index=first_index)
         bad = ~np.isfinite(vectors).all(axis=1)
         if bad.any():  # corrupt weights: a NaN row is no vector, and NaN is not even valid JSON
@@ -175,6 +185,7 @@ class Pipeline:
                 f"input {first_index + int(bad.argmax()) + 1}: {self.engine.path} gave a non-finite vector "
                 "(NaN or infinity); its weights are likely corrupt: check it with `runner verify`"
             )
+        vectors = compact.truncate(vectors, dimensions)
         if normalize:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors /= np.maximum(norms, 1e-12)
@@ -190,6 +201,7 @@ class Pipeline:
         truncate: bool = True,
         first_index: int = 0,
         stats: Stats | None = None,
+        dimensions: int | None = None,
     ) -> np.ndarray:
         """tokenize + vectors. Cut inputs are counted in STATS, or warned about when there is none."""
         tok = self.tokenize(texts, query=query, task=task, truncate=truncate, first_index=first_index)
@@ -199,7 +211,7 @@ class Pipeline:
             stats.truncated += tok.truncated
         elif tok.truncated:
             log.warning("truncated %d input(s) to %d tokens", tok.truncated, self.max_length)
-        return self.vectors(tok, normalize=normalize, first_index=first_index)
+        return self.vectors(tok, normalize=normalize, first_index=first_index, dimensions=dimensions)
 
     # --- a stream -----------------------------------------------------------------------------
     def stream(
@@ -216,7 +228,7 @@ class Pipeline:
 
         Each chunk's digest covers RUN_KEY and every text so far, so a resumed run can tell whether the part
         an interrupted run left is the same work; SKIP(index, digest) true means it is, and the chunk is not
-        embedded again. OPTIONS go to `embed` (query, task, normalize, truncate).
+        embedded again. OPTIONS go to `embed` (query, task, normalize, truncate, dimensions).
         """
         if chunk_size < 1:
             raise BadInput(f"chunk size {chunk_size}: must be at least 1")

@@ -167,26 +167,35 @@ def test_registry_rows_plan_before_any_download(name: str) -> None:
 
 def test_registry_entry_reaches_the_gguf_and_the_query_prompt(tiny_last, tmp_path, monkeypatch) -> None:
     """Converted under the qwen3-embedding-8b entry (the tiny weights stand in for the hub's), the GGUF records
-    causal attention, last pooling and the card's query format (`Query:` with no space), and queries embed
-    like the reference given that exact text."""
+    causal attention, last pooling, the card's query format (`Query:` with no space) and its Matryoshka
+    dimensions; queries embed like the reference given that exact text, and cut to 128 dimensions like the
+    reference's first 128, re-normalised."""
+    from dataclasses import replace
+
     import quantize.convert
     from quantize.registry import load_registry
     from quantize.source import Source
     from runner.model import resolve_model
     from tests.last_token import reference_last_token
 
-    entry = load_registry()["qwen3-embedding-8b"]
+    real = load_registry()["qwen3-embedding-8b"]
+    assert real.matryoshka_dims[0] == 32 and real.matryoshka_dims[-1] == real.dims == 4096
+    entry = replace(real, dims=256, matryoshka_dims=[32, 128, 256])  # the tiny model is 256 wide
     model = tiny_last("qwen3-embedding")
     monkeypatch.setattr(quantize.convert, "resolve", lambda *a, **k: Source(model.hf_dir, entry.repo, "test", entry))
     gguf = convert("qwen3-embedding-8b", tmp_path, "f16")
     meta = read_metadata(gguf)
     assert meta["qwen3.attention.causal"] is True and meta["qwen3.pooling_type"] == 3
     assert meta["embedrunner.prompt.query"] == "Instruct: {task}\nQuery:{text}"
+    assert meta["embedrunner.matryoshka.dims"] == "32,128,256"
     text = "how do llamas sleep?"
-    with Engine(gguf) as engine:
-        got = Pipeline(engine, resolve_model(str(gguf))).embed([text], query=True)
     expected = reference_last_token(model.hf_dir, [f"Instruct: {entry.default_task}\nQuery:{text}"], causal=True)
-    assert cosines(got, expected)[0] >= 0.9999
+    with Engine(gguf) as engine:
+        pipeline = Pipeline(engine, resolve_model(str(gguf)))
+        assert cosines(pipeline.embed([text], query=True), expected)[0] >= 0.9999
+        cut = pipeline.embed([text], query=True, dimensions=128)
+    assert cut.shape == (1, 128) and abs(np.linalg.norm(cut) - 1) < 1e-5
+    assert cosines(cut, expected[:, :128])[0] >= 0.9999
 
 
 @pytest.mark.parametrize("max_length", [512, 2048])
