@@ -267,7 +267,7 @@ class _Checker:
                 raise self.fail(f"tokenizer.ggml.{flag} is true but tokenizer.ggml.{name}_token_id is missing")
         kind = meta.get(gguf_keys.TOKENIZER)
         if kind is not None and (kind != "huggingface" or not isinstance(meta.get("tokenizer.huggingface.json"), str)):
-            raise self.fail(f"{gguf_keys.TOKENIZER} {str(kind)[:40]!r} needs tokenizer.huggingface.json")
+            raise self.fail(f"{gguf_keys.TOKENIZER} {str(kind)[:40]!r}: only 'huggingface' with its tokenizer.json")
 
     # --- this project's keys -----------------------------------------------------------------
     def own_keys(self) -> None:
