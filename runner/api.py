@@ -15,6 +15,7 @@ import numpy as np
 
 from planner import HardwareOptions, Plan
 from quantize.errors import BadInput
+from runner import compact
 from runner.pipeline import Pipeline, open_pipeline
 
 
@@ -66,18 +67,25 @@ class Embedder:
         query: bool = False,
         task: str | None = None,
         dimensions: int | None = None,
+        precision: str = "float32",
+        ranges: np.ndarray | None = None,
     ) -> np.ndarray:
-        """float32 vectors, one row per text (a 1-D vector for a single string).
+        """Vectors, one row per text (a 1-D vector for a single string), float32 unless PRECISION says otherwise.
 
         batch_size texts go to the engine per call (it packs them into micro-batches itself). dimensions: keep
         the first N of a Matryoshka model's dimensions (re-normalised with normalize_embeddings); a model not
-        trained for it refuses.
+        trained for it refuses. precision: float32, float16, int8, uint8, binary or ubinary, as
+        sentence-transformers' quantize_embeddings gives them; int8/uint8 with RANGES (a (2, dims) array of
+        per-dimension minima and maxima: `runner.compact.ranges_of(calibration_vectors)`, or a run's saved
+        `<output>.ranges.npy`), else with the ranges of these vectors themselves.
         """
         from tqdm import tqdm
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise BadInput(f"batch_size {batch_size!r}: must be a whole number of at least 1")
         single = isinstance(sentences, str)
+        if compact.check_precision(precision) in compact.RANGED and ranges is None and single:
+            raise BadInput(f"precision {precision} for one text needs ranges (runner.compact.ranges_of(vectors))")
         texts = [sentences] if single else list(sentences)
         dims = self.pipeline.check_dimensions(dimensions) or self.dims
         out = np.empty((len(texts), dims), dtype=np.float32)
@@ -88,6 +96,7 @@ class Embedder:
             for chunk in chunks:
                 out[chunk.first : chunk.first + chunk.count] = chunk.vectors
                 bar.update(chunk.count)
+        out = compact.quantize(out, precision, ranges)
         return out[0] if single else out
 
     def encode_query(self, sentences: str | Sequence[str], task: str | None = None, **kwargs) -> np.ndarray:

@@ -253,7 +253,18 @@ def _show_disk(disk) -> None:
 )
 @click.option("-o", "--output", help="Output file (.npy, .jsonl or .parquet); default: JSON lines on stdout.")
 @click.option("--format", "fmt", type=click.Choice(["npy", "jsonl", "parquet"]), help="Default: from --output.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option(
+    "--precision",
+    "--dtype",
+    "precision",
+    type=click.Choice(["float32", "float16", "int8", "uint8", "binary", "ubinary"]),
+    default="float32",
+    show_default=True,
+    help="As sentence-transformers' quantize_embeddings: int8/uint8 in 256 buckets per dimension (ranges from "
+    "--ranges, --calibration or the data; saved beside the output), binary/ubinary 8 dimensions a byte.",
+)
+@click.option("--ranges", "ranges_file", help="int8/uint8: ranges saved by an earlier run (<output>.ranges.npy).")
+@click.option("--calibration", help="int8/uint8: texts (.txt/.jsonl) whose vectors give the ranges.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same --output.")
 @click.option("--query/--document", default=False, help="Apply the model's query instruction (default: document).")
 @click.option("--task", help="Instruction for --query (default: the model's).")
@@ -282,7 +293,9 @@ def embed(
     errors: str,
     output: str | None,
     fmt: str | None,
-    dtype: str,
+    precision: str,
+    ranges_file: str | None,
+    calibration: str | None,
     resume: bool,
     query: bool,
     task: str | None,
@@ -304,6 +317,7 @@ def embed(
     from tqdm import tqdm
 
     from quantize.progress import Progress
+    from runner import compact
     from runner.io import OutputLock, VectorSink, count_lines, output_format, read_texts, run_key
     from runner.pipeline import Stats, open_pipeline
 
@@ -313,6 +327,10 @@ def embed(
         raise BadInput(f"--max-length {max_length}: must be at least 1")
     if chunk_size < 1:
         raise BadInput(f"--chunk-size {chunk_size}: must be at least 1")
+    if (ranges_file or calibration) and precision not in ("int8", "uint8"):
+        raise BadInput(f"--ranges and --calibration are for --precision int8 or uint8, not {precision}")
+    if ranges_file and calibration:
+        raise BadInput("--ranges or --calibration: one source of int8/uint8 ranges, not both")
     if input_file and input_file != "-" and not Path(input_file).is_file():
         raise BadInput(f"{input_file}: no such input file")
     fmt = output_format(output, fmt)
@@ -329,13 +347,23 @@ def embed(
         model, quant, auto_quant=auto_quant, max_length=max_length, threads=threads,
         hardware=_hardware(hw_opts), on_plan=show_plan, keep_f16=keep_f16, progress=Progress.stderr(quiet),
     )  # fmt: skip
-    options = dict(query=query, task=task, normalize=normalize, max_length=pipeline.max_length, fmt=fmt, dtype=dtype)
+    options = dict(query=query, task=task, normalize=normalize, max_length=pipeline.max_length, fmt=fmt)
+    options["dtype"] = precision
     with pipeline:
         dims = pipeline.check_dimensions(dimensions) or pipeline.dims  # refused before any input is read
         options |= {"dimensions": dims} if dims != pipeline.dims else {}
+        ranges = None
+        if ranges_file:
+            ranges = compact.load_ranges(ranges_file, dims)
+        elif calibration:  # embedded like the input (prompt, normalisation, dimensions): the ranges fit its vectors
+            found = pipeline.embed(
+                list(read_texts(calibration, field, errors)), query=query, task=task, normalize=normalize,
+                dimensions=dimensions,
+            )  # fmt: skip
+            ranges = compact.ranges_of(found)
         # Only a file output can be resumed, so only then is the model's content identity needed.
         key = run_key(pipeline.model.path, options | {"chunk": chunk_size}) if output else ""
-        sink = VectorSink(output, fmt, dtype, key, resume)
+        sink = VectorSink(output, fmt, precision, key, resume, ranges)
         stats, started = Stats(), time.perf_counter()
         total = None if input_file == "-" else len(texts) + ((count_lines(input_file) or 0) if input_file else 0)
         show = not quiet and sys.stderr.isatty()
@@ -357,7 +385,7 @@ def embed(
             except BaseException:
                 sink.abandon()
                 raise
-        sink.finish(dims)
+        saved = sink.finish(dims)
     seconds = time.perf_counter() - started
     if stats.truncated:
         click.echo(
@@ -375,6 +403,8 @@ def embed(
             f"({stats.tokens / max(seconds, 1e-9):.0f} tokens/s; {pipeline.model.path.name}{plan_note}){where}",
             err=True,
         )
+    if saved is not None:  # said even with -q: without these ranges, queries cannot be quantized alike
+        click.echo(f"{precision} ranges saved to {saved}; quantize queries alike with --ranges {saved}", err=True)
 
 
 @main.command()

@@ -27,9 +27,9 @@ import numpy as np
 from quantize.errors import BadInput, DiskFull
 from quantize.files import atomic_path, write_text_atomic
 from quantize.manifest import content_sha256
+from runner import compact
 
 FORMATS = ("npy", "jsonl", "parquet")
-DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def read_texts(path: str, field: str = "text", errors: str = "strict") -> Iterator[str]:
@@ -141,13 +141,23 @@ class OutputLock:
 class VectorSink:
     """Where a run's vectors go: stdout (JSON lines as they come) or OUTPUT, assembled from chunk parts."""
 
-    def __init__(self, path: str | None, fmt: str, dtype: str, run_key: str, resume: bool) -> None:
+    def __init__(
+        self, path: str | None, fmt: str, dtype: str, run_key: str, resume: bool, ranges: np.ndarray | None = None
+    ) -> None:
+        """DTYPE: a precision (runner/compact.py); int8/uint8 with RANGES, else with ranges from all the vectors."""
         if fmt == "parquet":
             _pyarrow()
         if path is None and fmt != "jsonl":
             raise BadInput(f"--format {fmt} needs --output FILE (binary output is not written to a terminal)")
+        self.precision, self.ranges = compact.check_precision(dtype), ranges
+        if path is None and dtype in compact.RANGED and ranges is None:
+            raise BadInput(
+                f"--precision {dtype} to stdout needs --ranges or --calibration: ranges from the data itself are "
+                "known only once every vector is, and would be lost with no file to save them beside"
+            )
         self.path = Path(path) if path else None
-        self.fmt, self.dtype = fmt, DTYPES[dtype]
+        # The parts' dtype: int8/uint8/binary are made at the end, once every vector's range is known.
+        self.fmt, self.dtype = fmt, np.float16 if dtype == "float16" else np.float32
         self.parts = self.path.with_name(self.path.name + ".parts") if self.path else None
         self.written: list[Path] = []
         self.printed = 0  # vectors sent to stdout
@@ -221,8 +231,8 @@ class VectorSink:
 
     def write(self, chunk: int, digest: str, vectors: np.ndarray, first: int) -> None:
         if self.parts is None:
-            for i, v in enumerate(vectors, first):
-                sys.stdout.write(json.dumps({"id": i, "embedding": v.astype(np.float32).tolist()}) + "\n")
+            for i, v in enumerate(compact.quantize(vectors, self.precision, self.ranges), first):
+                sys.stdout.write(json.dumps({"id": i, "embedding": _json_row(v)}) + "\n")
             sys.stdout.flush()
             self.printed += len(vectors)
             return
@@ -240,15 +250,29 @@ class VectorSink:
         if self.parts is not None and not any(self.parts.glob("*.npy")):
             shutil.rmtree(self.parts, ignore_errors=True)
 
-    def finish(self, dims: int) -> None:
-        """Assemble OUTPUT from this run's parts, in order (atomically), then remove them."""
+    def finish(self, dims: int) -> Path | None:
+        """Assemble OUTPUT from this run's parts, in order and in the run's precision (atomically), then remove
+        them. Returns where int8/uint8 ranges were saved (beside OUTPUT, for quantizing queries alike)."""
         if self.path is None or self.parts is None:
-            return
+            return None
         parts = [np.load(p, mmap_mode="r") for p in self.written]
         n = sum(len(p) for p in parts)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        header = _npy_header((n, dims), self.dtype)
-        nbytes = len(header) + n * dims * np.dtype(self.dtype).itemsize
+        saved, ranges, precision = None, self.ranges, self.precision
+        if precision in compact.RANGED:
+            if ranges is None:  # from the data itself: one pass over the parts, a chunk at a time
+                found = compact.Ranges()
+                for p in parts:
+                    found.update(np.asarray(p))
+                ranges = found.result()
+            saved = compact.ranges_path(self.path)
+            with self._writing(saved, ranges.nbytes + 128), atomic_path(saved) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, ranges)
+        rows = (compact.quantize(np.asarray(p), precision, ranges) for p in parts)
+        out_dtype, dims = compact.DTYPES[precision], compact.width(precision, dims)
+        header = _npy_header((n, dims), out_dtype)
+        nbytes = len(header) + n * dims * np.dtype(out_dtype).itemsize
         with self._writing(self.path, nbytes if self.fmt == "npy" else None), atomic_path(self.path) as tmp:
             if self.fmt == "npy":
                 # Written, not memory-mapped: a full disk under a memory map is a SIGBUS that kills the process
@@ -256,19 +280,25 @@ class VectorSink:
                 with open(tmp, "wb") as f:
                     _reserve(f, nbytes)
                     f.write(header)
-                    for p in parts:
-                        f.write(np.ascontiguousarray(p, dtype=self.dtype).data)
+                    for q in rows:
+                        f.write(q.data)
             elif self.fmt == "jsonl":
                 with open(tmp, "w", encoding="utf-8") as f:
                     i = 0
-                    for p in parts:
-                        for v in p:
-                            f.write(json.dumps({"id": i, "embedding": v.astype(np.float32).tolist()}) + "\n")
+                    for q in rows:
+                        for v in q:
+                            f.write(json.dumps({"id": i, "embedding": _json_row(v)}) + "\n")
                             i += 1
             else:
-                _write_parquet(tmp, parts, dims)
+                _write_parquet(tmp, rows, dims, out_dtype)
         del parts
         shutil.rmtree(self.parts, ignore_errors=True)
+        return saved
+
+
+def _json_row(v: np.ndarray) -> list:
+    """A vector as JSON numbers: integers for the compact precisions, float32 values for the float ones."""
+    return v.tolist() if np.issubdtype(v.dtype, np.integer) else v.astype(np.float32).tolist()
 
 
 def _npy_header(shape: tuple[int, ...], dtype: type) -> bytes:
@@ -299,7 +329,8 @@ def _pyarrow():
     return pyarrow
 
 
-def _write_parquet(path: Path, parts: list[np.ndarray], dims: int) -> None:
+def _write_parquet(path: Path, parts: Iterable[np.ndarray], dims: int, dtype: type = np.float32) -> None:
+    """`id` and `embedding`, a fixed-size list of DTYPE (float32, float16, int8 or uint8)."""
     pa = _pyarrow()
     writer = None
     start = 0
@@ -315,7 +346,8 @@ def _write_parquet(path: Path, parts: list[np.ndarray], dims: int) -> None:
         writer.write_table(table)
         start += len(p)
     if writer is None:  # no texts: an empty table with the same columns
-        empty = pa.table({"id": pa.array([], pa.int64()), "embedding": pa.array([], pa.list_(pa.float32(), dims))})
+        column = pa.list_(pa.from_numpy_dtype(dtype), dims)
+        empty = pa.table({"id": pa.array([], pa.int64()), "embedding": pa.array([], column)})
         writer = pa.parquet.ParquetWriter(str(path), empty.schema)
     writer.close()
 
