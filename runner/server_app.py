@@ -15,8 +15,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
@@ -204,14 +205,11 @@ def create_app(batcher: Batcher, served: Served, metrics: Metrics, limits: Limit
                 param="model",
                 code="model_not_found",
             )
-        if req.dimensions is not None and req.dimensions != served.dims:
-            raise ApiError(
-                400,
-                f"dimensions {req.dimensions}: {served.name} declares no Matryoshka dimensions; leave `dimensions` "
-                f"out (its vectors have {served.dims})",
-                param="dimensions",
-                code="invalid_value",
-            )
+        try:  # Matryoshka: the model's own rule (runner/compact.py), read from metadata, no engine call
+            dims = batcher.pipeline.check_dimensions(req.dimensions)
+        except BadInput as e:
+            message = str(e).replace("--dimensions", "dimensions")
+            raise ApiError(400, message, param="dimensions", code="invalid_value") from None
         try:
             future = batcher.submit(Job(texts=req.texts, ids=req.ids, query=req.query, truncate=req.truncate))
         except QueueFull as e:
@@ -229,6 +227,9 @@ def create_app(batcher: Batcher, served: Served, metrics: Metrics, limits: Limit
         metrics.inputs.inc(len(req))
         metrics.input_tokens.inc(result.tokens)
         metrics.truncated.inc(result.truncated)
+        if dims is not None:  # cut the unit vectors, then re-normalise: the same as cutting before normalising
+            cut = result.vectors[:, :dims]
+            result = replace(result, vectors=cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12))
         return req, result
 
     async def openai_embeddings(request: Request) -> Response:

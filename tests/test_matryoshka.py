@@ -89,3 +89,18 @@ def test_declared_dimensions_are_checked(tmp_path) -> None:
     for value in ("128,64,384", "64,128", "a,b"):
         with pytest.raises(CorruptModelFile):
             parse_dims(value, 384, "f")
+
+
+def test_server_dimensions(mrl, tmp_path) -> None:
+    """OpenAI's and Ollama's `dimensions` go through the same rule: cut and re-normalised, refused out of range."""
+    from tests.test_server import AUTH, serving
+
+    want = _embed(mrl, tmp_path / "cut.npy", "--dimensions", "128")
+    items = texts("embedding_texts.jsonl")[:N_TEXTS]
+    with serving(tmp_path, "-m", "minilm-mrl", "--api-key", AUTH["Authorization"].split()[-1], env=mrl) as server:
+        got = server.embed(items, dimensions=128)
+        assert got.shape == (N_TEXTS, 128) and np.allclose(got, want, atol=1e-5)
+        r = server.post("/api/embed", {"input": items[:2], "dimensions": 64})
+        assert r.status_code == 200 and len(r.json()["embeddings"][0]) == 64
+        bad = server.post("/v1/embeddings", {"input": "a", "dimensions": 16})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "dimensions"
