@@ -157,7 +157,7 @@ def for_run(model: str, quant: str | None = None, shape: ModelShape | None = Non
     if path.is_file():
         return DiskPlan(model)
     if path.is_dir() and not (path / "config.json").is_file():
-        return _plan(model, _from_store(path, quant, shape or resolve_shape(model)), None)
+        return _plan(model, _from_store(path, quant), None)
     registry = load_registry()
     if path.is_dir():  # an HF checkpoint, converted into the models home
         src, entry, repo, revision = resolve(str(path)), None, None, None
@@ -167,7 +167,8 @@ def for_run(model: str, quant: str | None = None, shape: ModelShape | None = Non
         entry = registry[model]
         home = models_home() / model
         if serves(on_disk(home), quant):
-            return _plan(model, _from_store(home, quant, shape or resolve_shape(model)), None)
+            return _plan(model, _from_store(home, quant), None)
+        # Not downloaded yet: the source names the model (its file names) but has no files to stamp.
         src, repo, revision = Source(Path(model), entry.repo, entry.revision, entry), entry.repo, entry.revision
     else:
         return DiskPlan(model)  # resolve_model refuses it with its own message
@@ -219,7 +220,7 @@ def for_quantize(source: Path, quants: list[str], outdir: Path | None = None) ->
 
 
 # --- what is there, and what will be written ---------------------------------------------------------------
-def _from_store(directory: Path, quant: str | None, shape: ModelShape) -> list[DiskItem]:
+def _from_store(directory: Path, quant: str | None) -> list[DiskItem]:
     """A model directory of GGUFs: QUANT's file as it is, or made from the unquantized file beside it."""
     files = on_disk(directory)
     if not files:
