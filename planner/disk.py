@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from planner.shapes import ModelShape, from_config, from_gguf, resolve_shape
-from quantize.convert import is_current, made_from, output_path, source_stamp
+from quantize.convert import conversion_stamp, is_current, made_from, output_path
 from quantize.errors import NotEnoughDisk
 from quantize.files import models_home
 from quantize.progress import size
@@ -183,10 +183,16 @@ def for_run(model: str, quant: str | None = None, shape: ModelShape | None = Non
 
 
 def for_convert(
-    source: str, outdir: Path | None, outtype: str, revision: str | None = None, as_embedder: bool = False
+    source: str,
+    outdir: Path | None,
+    outtype: str,
+    revision: str | None = None,
+    as_embedder: bool = False,
+    pooling: str | None = None,
+    causal: bool | None = None,
 ) -> DiskPlan:
     """What `runner convert SOURCE` will write: the download (registry names, hub repo ids) and the GGUF,
-    unless the GGUF there was made from this very source."""
+    unless the GGUF there was made from this very source with these options (POOLING, CAUSAL: as convert's)."""
     path = Path(source).expanduser()
     registry = load_registry()
     if path.is_dir():
@@ -194,6 +200,8 @@ def for_convert(
         shape = from_config(path.name, read_config(src.path))
         entry, repo = None, None
     elif source in registry:
+        if pooling is not None or causal is not None:
+            return DiskPlan(source)  # convert refuses the options for a registry model, naming it
         entry = registry[source]
         repo, revision = entry.repo, revision or entry.revision
         src, shape = Source(path, repo, revision, entry), resolve_shape(source)
@@ -207,7 +215,7 @@ def for_convert(
         return DiskPlan(source)  # convert refuses it with its own message
     download, local, where = _download(src, entry, repo, revision, shape)
     target = output_path(src, outdir, outtype)
-    converted = _converted(local, target, shape, as_embedder, outtype.upper())
+    converted = _converted(local, target, shape, as_embedder, outtype.upper(), pooling, causal)
     return _plan(source, [*download, *converted], where, outdir=outdir is not None)
 
 
@@ -243,11 +251,18 @@ def _quant(quant: str, path: Path, shape: ModelShape, exact: bool) -> DiskItem:
 
 
 def _converted(
-    src: Source | None, target: Path, shape: ModelShape, as_embedder: bool, outtype: str = "F16"
+    src: Source | None,
+    target: Path,
+    shape: ModelShape,
+    as_embedder: bool,
+    outtype: str = "F16",
+    pooling: str | None = None,
+    causal: bool | None = None,
 ) -> list[DiskItem]:
     """The converted GGUF (and NV-Embed's head sidecar): already there when made from this very source SRC
-    (None: the checkpoint is not on disk yet, so a fresh download will be converted again)."""
-    current = src is not None and is_current(target, source_stamp(src, outtype.lower(), as_embedder))
+    with these options (None: the checkpoint is not on disk yet, so a fresh download is converted again)."""
+    stamp = conversion_stamp(src, outtype.lower(), as_embedder, pooling, causal) if src is not None else None
+    current = stamp is not None and is_current(target, stamp)
     n = target.stat().st_size if current else _quant(outtype, target, shape, exact=False).bytes
     items = [DiskItem(outtype, target, n, n if current else 0, exact=current)]
     if shape.head_bytes:

@@ -76,17 +76,7 @@ def convert(
     PROGRESS shows the download, the tensors written and the manifest's sha256, and sums each step up.
     """
     src = resolve(source, revision, progress)
-    config = read_config(src.path)
-    entry = src.entry
-    if entry is not None and (pooling is not None or causal is not None):
-        raise BadInput(
-            f"{source}: a models.toml model takes its pooling and attention from its entry; --pooling, --causal "
-            "and --bidirectional are for checkpoints the registry does not name"
-        )
-    stated = entry is not None or causal is not None
-    causal = entry.causal if entry else bool(causal)
-    family = for_config(config, as_embedder or bool(entry and entry.embedder), source, causal)
-    pooling = conversion_pooling(src, family, pooling, stated, source)
+    family, pooling, causal = _choices(src, as_embedder, pooling, causal, source)
     name, path = output_name(src), output_path(src, outdir, outtype)
     outdir = path.parent
     outdir.mkdir(parents=True, exist_ok=True)
@@ -117,11 +107,36 @@ def convert(
     return path
 
 
+def _choices(
+    src: Source, as_embedder: bool, pooling: str | None, causal: bool | None, where: str
+) -> tuple[Family, str, bool]:
+    """The family, pooling and attention a conversion of SRC records (POOLING/CAUSAL: --pooling/--causal)."""
+    entry = src.entry
+    if entry is not None and (pooling is not None or causal is not None):
+        raise BadInput(
+            f"{where}: a models.toml model takes its pooling and attention from its entry; --pooling, --causal "
+            "and --bidirectional are for checkpoints the registry does not name"
+        )
+    stated = entry is not None or causal is not None
+    causal = entry.causal if entry else bool(causal)
+    family = for_config(read_config(src.path), as_embedder or bool(entry and entry.embedder), where, causal)
+    return family, conversion_pooling(src, family, pooling, stated, where), causal
+
+
+def conversion_stamp(
+    src: Source, outtype: str = "f16", as_embedder: bool = False, pooling: str | None = None, causal: bool | None = None
+) -> str:
+    """The stamp `convert` gives SRC's file with these options, without converting: what the disk plan and
+    `made_from` compare a file on disk with."""
+    _, pooling, causal = _choices(src, as_embedder, pooling, causal, str(src.path))
+    return source_stamp(src, outtype, as_embedder, pooling, causal)
+
+
 def made_from(src: Source, quant: str) -> Path | None:
     """QUANT's file in SRC's model directory when it was made from this very source (the F16's stamp travels
     into every quant): a run can take it without converting again, even after --no-keep-f16 removed the F16."""
     path = quant_path(output_path(src, None, "f16"), quant.upper())
-    return path if is_current(path, source_stamp(src, "f16", False)) else None
+    return path if is_current(path, conversion_stamp(src)) else None
 
 
 def output_name(src: Source) -> str:

@@ -122,7 +122,7 @@ def convert(
     from quantize.manifest import read_metadata
     from quantize.progress import Progress
 
-    for_convert(source, outdir, outtype, revision, as_embedder).check()
+    for_convert(source, outdir, outtype, revision, as_embedder, pooling, causal).check()
     path = run_convert(
         source, outdir=outdir, outtype=outtype, revision=revision, as_embedder=as_embedder,
         progress=Progress.stderr(quiet), pooling=pooling, causal=causal,

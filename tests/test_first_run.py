@@ -244,3 +244,19 @@ def test_keep_f16_rm_and_prune(ckpt, tmp_path) -> None:
     assert missing.returncode == 1 and "no Q8_0 file here (have F16, Q4_K_M)" in missing.stderr
     run_cli("rm", "ckpt", env=env)
     assert not home.exists()
+
+
+def test_a_conversion_with_its_own_pooling_is_seen_as_current(ckpt, tmp_path, monkeypatch) -> None:
+    """The stamp the plan compares is the one convert writes, pooling and attention included: a checkpoint
+    whose sentence-transformers files say CLS, converted once, needs nothing more, as convert then reuses it."""
+    cls = tmp_path / "cls-ckpt"
+    shutil.copytree(ckpt, cls)
+    (cls / "1_Pooling").mkdir()
+    (cls / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    env = offline(tmp_path)
+    monkeypatch.setenv("EMBEDRUNNER_HOME", env["EMBEDRUNNER_HOME"])
+    assert disk.for_convert(str(cls), None, "f16").needs > 0
+    run_cli("convert", str(cls), "-q", env=env)
+    assert disk.for_convert(str(cls), None, "f16").needs == 0
+    assert disk.for_run(str(cls), "F16").needs == 0
+    assert disk.for_convert(str(cls), None, "f16", pooling="mean").needs > 0  # another pooling: a new file
