@@ -10,8 +10,9 @@ and times `Engine.embed_tokens` on the same `bench.corpus` texts for each file: 
 --repeats after a warm-up) and the speed relative to Q8_0. Speed per layer does not depend on the weights'
 values or on the depth, so a few layers stand for the 32 of llama-embed-nemotron-8b and NV-Embed-v2's trunk.
 
---calibrate also runs `runner calibrate`'s benchmark (runner/calibrate.py: a synthetic 2-layer file with a
-tiny vocabulary, full micro-batches of token ids) in the same process, after the texts, and prints its
+--calibrate also times `runner calibrate`'s benchmark (runner/calibrate.py: its synthetic 2-layer file with a
+tiny vocabulary, one full micro-batch of token ids) at each quant, in turns with the bench texts on both
+files at once (these machines are shared and noisy: drift then falls on both alike), and prints its
 prediction for --layers layers next to the measured tokens/s: the check that the planner's CPU speeds hold.
 """
 
@@ -27,6 +28,8 @@ from pathlib import Path
 
 from bench.convert_memory import llama8b_ggufs
 from bench.corpus import corpus
+from planner.calibration import CALIBRATED_LAYERS
+from quantize.ladder import quant_path, quantize
 from quantize.quants import LADDER
 from runner.engine import Engine, physical_cores
 
@@ -49,6 +52,36 @@ def tokens_per_second(path: Path, texts: list[str], repeats: int) -> float:
     return sum(len(s) for s in seqs) / statistics.median(times)
 
 
+def calibration_file(workdir: Path, bench_file: Path, quant: str) -> Path:
+    """`runner calibrate`'s synthetic file (2 layers of the bench file's layer shape) at QUANT, built once."""
+    from planner.shapes import from_gguf
+    from runner.calibrate import synthetic_gguf
+
+    f16 = workdir / "calibration" / "calibration-F16.gguf"
+    if not f16.is_file():
+        f16.parent.mkdir(parents=True, exist_ok=True)
+        synthetic_gguf(f16, from_gguf(bench_file))
+    path = quant_path(f16, quant)
+    return f16 if quant == "F16" else path if path.is_file() else quantize(f16, [quant])[0]
+
+
+def interleaved(bench_file: Path, calib_file: Path, texts: list[str], repeats: int) -> tuple[float, float]:
+    """Tokens/s of the bench texts and of runner calibrate's batch, timed in turns on both files at once, so a
+    noisy machine's drift falls on both alike: (bench, calibration), medians of REPEATS."""
+    from runner.calibrate import calibration_batch
+
+    with Engine(bench_file) as a, Engine(calib_file) as b:
+        runs = [(a, [a.tokenize(t) for t in texts], []), (b, calibration_batch(), [])]
+        for engine, seqs, _ in runs:
+            engine.embed_tokens(seqs)  # warm-up: context, page-in, repacking
+        for _ in range(repeats):
+            for engine, seqs, times in runs:
+                start = time.perf_counter()
+                engine.embed_tokens(seqs)
+                times.append(time.perf_counter() - start)
+    return tuple(sum(len(s) for s in seqs) / statistics.median(times) for _, seqs, times in runs)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m bench.cpu_quants", description=__doc__.split("\n")[0])
@@ -65,18 +98,17 @@ def main(argv: list[str] | None = None) -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     files = llama8b_ggufs(args.workdir.resolve(), args.layers, quants)
     texts = corpus(args.texts)
-    speed = {}
-    for quant, path in files.items():
-        speed[quant] = tokens_per_second(path, texts, args.repeats)
-        log(f"{quant}: {speed[quant]:.1f} tokens/s")
-    predicted = {}
-    if args.calibrate:
-        from planner.calibration import CALIBRATED_LAYERS
-        from planner.shapes import from_gguf
-        from runner.calibrate import calibrate
-
-        result = calibrate(from_gguf(files[quants[0]]), tuple(quants), repeats=args.repeats, progress=log)
-        predicted = {q: v * CALIBRATED_LAYERS / args.layers for q, v in result.tokens_per_s.items()}
+    speed, predicted = {}, {}
+    if not args.calibrate:
+        for quant, path in files.items():
+            speed[quant] = tokens_per_second(path, texts, args.repeats)
+            log(f"{quant}: {speed[quant]:.1f} tokens/s")
+    else:
+        for quant, path in files.items():
+            calib = calibration_file(args.workdir, path, quant)
+            speed[quant], calibrated = interleaved(path, calib, texts, args.repeats)
+            predicted[quant] = calibrated * CALIBRATED_LAYERS / args.layers
+            log(f"{quant}: {speed[quant]:.1f} tokens/s, calibration predicts {predicted[quant]:.1f}")
     base = speed.get("Q8_0")
     print(f"`{shlex.join(['python', '-m', 'bench.cpu_quants', *argv])}`: {args.layers} layers of the Llama-3.1-8B")
     print(f"shape, {len(texts)} texts, {physical_cores()} threads, median of {args.repeats}")

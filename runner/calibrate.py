@@ -74,10 +74,15 @@ def synthetic_gguf(path: Path, shape: ModelShape, layers: int = CALIBRATED_LAYER
     return path
 
 
-def tokens_per_second(path: Path, threads: int, repeats: int) -> float:
-    """Median tokens/s of full micro-batches (SEQS sequences filling the smallest budget) on PATH."""
+def calibration_batch() -> list[np.ndarray]:
+    """SEQS random sequences filling the smallest token budget: one full micro-batch, what is timed."""
     rng = np.random.default_rng(1)
-    seqs = [rng.integers(3, VOCAB, MIN_TOKEN_BUDGET // SEQS, dtype=np.int32) for _ in range(SEQS)]
+    return [rng.integers(3, VOCAB, MIN_TOKEN_BUDGET // SEQS, dtype=np.int32) for _ in range(SEQS)]
+
+
+def tokens_per_second(path: Path, threads: int, repeats: int) -> float:
+    """Median tokens/s of full micro-batches (calibration_batch) on PATH."""
+    seqs = calibration_batch()
     with Engine(path, threads) as engine:
         engine.embed_tokens(seqs)  # warm-up: context, page-in, repacking
         times = []
