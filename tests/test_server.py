@@ -113,7 +113,8 @@ def work(tmp_path_factory) -> Path:
 def minilm(work) -> np.ndarray:
     """The model on disk (converted once, before any server can race to do it) and `runner embed`'s vectors."""
     run_cli("convert", MINILM)
-    return embed_file(MINILM, DATA / "embedding_texts.jsonl", work / "ref.npy")
+    # F16 named: other test files may leave an F32 beside it, which `-m NAME` alone would prefer.
+    return embed_file(MINILM, DATA / "embedding_texts.jsonl", work / "ref.npy", "--quant", "F16")
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,7 @@ def server(work, minilm) -> Iterator[Server]:
     with serving(
         work,
         "-m", MINILM,
+        "--quant", "F16",
         "--api-key", KEY,
         "--max-client-batch", "64",
         "--max-body-bytes", "65536",
@@ -201,7 +203,7 @@ def test_token_ids_match_text(server, minilm) -> None:
 
 
 def test_truncation_end_matches_runner_embed_and_none_refuses(server, work) -> None:
-    ref = embed_file(MINILM, write_jsonl(work / "long.jsonl", ["short one", LONG]), work / "long.npy")
+    ref = embed_file(MINILM, write_jsonl(work / "long.jsonl", ["short one", LONG]), work / "long.npy", "--quant", "F16")
     assert_same(server.embed(["short one", LONG]), ref)
     assert_same(server.embed(["short one", LONG], truncate="END"), ref)
     before = server.metric("embedrunner_truncated_inputs_total")
@@ -311,7 +313,7 @@ def test_error_status(server, case: str) -> None:
 
 
 def test_queue_full_is_503_with_retry_after(work, minilm) -> None:
-    with serving(work, "-m", MINILM, "--max-queue", "1") as s:
+    with serving(work, "-m", MINILM, "--quant", "F16", "--max-queue", "1") as s:
         start = threading.Barrier(8)
 
         def client(_: int) -> httpx.Response:
@@ -331,7 +333,7 @@ def test_queue_full_is_503_with_retry_after(work, minilm) -> None:
 def test_sigterm_finishes_requests_in_flight(work, minilm) -> None:
     items = texts("embedding_texts.jsonl")
     answers: dict[int, httpx.Response] = {}
-    with serving(work, "-m", MINILM, "--max-batch-tokens", "512") as s:
+    with serving(work, "-m", MINILM, "--quant", "F16", "--max-batch-tokens", "512") as s:
 
         def client(i: int) -> None:
             body = {"input": [items[i], LONG, LONG, items[i + 1]]}
