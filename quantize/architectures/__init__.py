@@ -118,6 +118,26 @@ class Family:
         raise NotImplementedError
 
 
+def decoder_layer_specs(
+    i: int, hidden: int, ffn: int, q_rows: int, kv_rows: int, extras: tuple[TensorSpec, ...] = ()
+) -> list[TensorSpec]:
+    """One pre-norm decoder layer's tensors as llama.cpp names them (llama, Mistral, Qwen): attention with
+    EXTRAS after it (biases, q/k norms), then the gated FFN."""
+    b = f"blk.{i}."
+    return [
+        TensorSpec(b + "attn_norm.weight", (hidden,), F32),
+        TensorSpec(b + "attn_q.weight", (q_rows, hidden), F16),
+        TensorSpec(b + "attn_k.weight", (kv_rows, hidden), F16),
+        TensorSpec(b + "attn_v.weight", (kv_rows, hidden), F16),
+        TensorSpec(b + "attn_output.weight", (hidden, q_rows), F16),
+        *extras,
+        TensorSpec(b + "ffn_norm.weight", (hidden,), F32),
+        TensorSpec(b + "ffn_gate.weight", (ffn, hidden), F16),
+        TensorSpec(b + "ffn_up.weight", (ffn, hidden), F16),
+        TensorSpec(b + "ffn_down.weight", (hidden, ffn), F16),
+    ]
+
+
 def map_tensor(tensor_map: gguf.TensorNameMap, name: str, hf_name: str) -> str:
     """gguf's name for NAME (an HF tensor name, normalised), or an error naming the checkpoint's tensor."""
     mapped = tensor_map.get_name(name, try_suffixes=(".weight", ".bias"))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import gguf
 import numpy as np
 
-from quantize.architectures import F16, F32, Family, Trunk, map_tensor, register, require
+from quantize.architectures import F16, F32, Family, Trunk, decoder_layer_specs, map_tensor, register, require
 from quantize.errors import UnsupportedArchitecture
 from quantize.sizes import TensorSpec
 
@@ -106,18 +106,7 @@ class Llama(Family):
         ]
         specs += [TensorSpec(name, data.shape, F32) for name, data in self.extra_tensors()]
         for i in range(a.num_hidden_layers):
-            b = f"blk.{i}."
-            specs += [
-                TensorSpec(b + "attn_norm.weight", (hidden,), F32),
-                TensorSpec(b + "attn_q.weight", (q_rows, hidden), F16),
-                TensorSpec(b + "attn_k.weight", (kv_rows, hidden), F16),
-                TensorSpec(b + "attn_v.weight", (kv_rows, hidden), F16),
-                TensorSpec(b + "attn_output.weight", (hidden, q_rows), F16),
-                TensorSpec(b + "ffn_norm.weight", (hidden,), F32),
-                TensorSpec(b + "ffn_gate.weight", (ffn, hidden), F16),
-                TensorSpec(b + "ffn_up.weight", (ffn, hidden), F16),
-                TensorSpec(b + "ffn_down.weight", (hidden, ffn), F16),
-            ]
+            specs += decoder_layer_specs(i, hidden, ffn, q_rows, kv_rows)
         return tuple(specs)
 
     def write_hparams(self, w: gguf.GGUFWriter) -> None:
