@@ -31,6 +31,7 @@ from bench.corpus import corpus
 from planner.calibration import CALIBRATED_LAYERS
 from quantize.ladder import quant_path, quantize
 from quantize.quants import LADDER
+from runner.calibrate import median_rate
 from runner.engine import Engine, physical_cores
 
 DEFAULT_QUANTS = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K"]
@@ -42,14 +43,7 @@ def log(msg: str) -> None:
 
 def tokens_per_second(path: Path, texts: list[str], repeats: int) -> float:
     with Engine(path) as engine:
-        seqs = [engine.tokenize(t) for t in texts]
-        engine.embed_tokens(seqs)  # warm-up: context, page-in, repacking
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            engine.embed_tokens(seqs)
-            times.append(time.perf_counter() - start)
-    return sum(len(s) for s in seqs) / statistics.median(times)
+        return median_rate(engine, [engine.tokenize(t) for t in texts], repeats)
 
 
 def calibration_file(workdir: Path, bench_file: Path, quant: str) -> Path:

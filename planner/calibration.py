@@ -82,12 +82,12 @@ def load(shape: ModelShape, threads: int, path: Path | None = None) -> Calibrati
         entries = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    key = _entry_key(cpu_identity(threads), layer_shape(shape))
-    found = entries.get(key) if isinstance(entries, dict) else None
+    identity, layer = cpu_identity(threads), layer_shape(shape)
+    found = entries.get(_entry_key(identity, layer)) if isinstance(entries, dict) else None
     if not isinstance(found, dict) or not isinstance(found.get("tokens_per_s"), dict):
         return None
     speeds = {str(q): float(v) for q, v in found["tokens_per_s"].items() if isinstance(v, int | float) and v > 0}
-    return Calibration(cpu_identity(threads), layer_shape(shape), int(found.get("layers", CALIBRATED_LAYERS)), speeds)
+    return Calibration(identity, layer, int(found.get("layers", CALIBRATED_LAYERS)), speeds)
 
 
 @contextlib.contextmanager

@@ -80,17 +80,21 @@ def calibration_batch() -> list[np.ndarray]:
     return [rng.integers(3, VOCAB, MIN_TOKEN_BUDGET // SEQS, dtype=np.int32) for _ in range(SEQS)]
 
 
+def median_rate(engine: Engine, seqs: list[np.ndarray], repeats: int) -> float:
+    """Tokens/s of SEQS on ENGINE: a warm-up (context, page-in, repacking), then the median of REPEATS runs."""
+    engine.embed_tokens(seqs)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine.embed_tokens(seqs)
+        times.append(time.perf_counter() - start)
+    return sum(len(s) for s in seqs) / statistics.median(times)
+
+
 def tokens_per_second(path: Path, threads: int, repeats: int) -> float:
     """Median tokens/s of full micro-batches (calibration_batch) on PATH."""
-    seqs = calibration_batch()
     with Engine(path, threads) as engine:
-        engine.embed_tokens(seqs)  # warm-up: context, page-in, repacking
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            engine.embed_tokens(seqs)
-            times.append(time.perf_counter() - start)
-    return sum(len(s) for s in seqs) / statistics.median(times)
+        return median_rate(engine, calibration_batch(), repeats)
 
 
 def calibrate(
