@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import click
 
 from quantize.errors import BadInput
-from runner.cli import hardware_options
+from runner.cli.options import hardware_options
 
 if TYPE_CHECKING:
     from planner import HardwareOptions

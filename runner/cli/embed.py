@@ -1,0 +1,246 @@
+"""`runner embed` (texts or a file, on this machine) and `runner embed-dataset` (files into parquet shards, Ray)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from planner import HardwareOptions
+from quantize.errors import BadInput
+from runner.cli.options import (
+    AT_LEAST_1,
+    hardware_options,
+    max_length_option,
+    model_option,
+    threads_option,
+)
+
+
+@click.command()
+@click.argument("texts", nargs=-1)
+@model_option
+@click.option("--quant", help="Which quant of a model directory/name to use (default: highest fidelity on disk).")
+@click.option("--input", "input_file", help=".txt (one text per line) or .jsonl file; - for stdin.")
+@click.option("--field", default="text", show_default=True, help="JSONL field holding the text.")
+@click.option(
+    "--errors",
+    type=click.Choice(["strict", "replace"]),
+    default="strict",
+    show_default=True,
+    help="Input bytes that are not UTF-8: stop with the line number, or replace them.",
+)
+@click.option("-o", "--output", help="Output file (.npy, .jsonl or .parquet); default: JSON lines on stdout.")
+@click.option("--format", "fmt", type=click.Choice(["npy", "jsonl", "parquet"]), help="Default: from --output.")
+@click.option(
+    "--precision",
+    "--dtype",
+    "precision",
+    type=click.Choice(["float32", "float16", "int8", "uint8", "binary", "ubinary"]),
+    default="float32",
+    show_default=True,
+    help="As sentence-transformers' quantize_embeddings: int8/uint8 in 256 buckets per dimension (ranges from "
+    "--ranges, --calibration or the data; saved beside the output), binary/ubinary 8 dimensions a byte.",
+)
+@click.option("--ranges", "ranges_file", help="int8/uint8: ranges saved by an earlier run (<output>.ranges.npy).")
+@click.option("--calibration", help="int8/uint8: texts (.txt/.jsonl) whose vectors give the ranges.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run into the same --output.")
+@click.option("--query/--document", default=False, help="Apply the model's query instruction (default: document).")
+@click.option("--task", help="Instruction for --query (default: the model's).")
+@click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalise vectors.")
+@click.option(
+    "--dimensions", type=AT_LEAST_1, help="Matryoshka models: keep the first N dimensions (then L2-normalise)."
+)
+@max_length_option
+@click.option("--no-truncate", is_flag=True, help="An input over the max length is an error, not cut.")
+@threads_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+@click.option(
+    "--chunk-size", type=AT_LEAST_1, default=2048, show_default=True, help="Texts per part written to disk."
+)
+@click.option("--auto-quant", is_flag=True, help="Pick the quant and GPU layers for this machine (runner plan).")
+@click.option(
+    "--keep-f16/--no-keep-f16",
+    default=True,
+    show_default=True,
+    help="Keep the F16 GGUF a missing quant is made from: the source of every other quant (2 bytes a parameter, "
+    "14 GiB for an 8B model).",
+)
+@hardware_options
+def embed(
+    texts: tuple[str, ...],
+    model: str,
+    quant: str | None,
+    input_file: str | None,
+    field: str,
+    errors: str,
+    output: str | None,
+    fmt: str | None,
+    precision: str,
+    ranges_file: str | None,
+    calibration: str | None,
+    resume: bool,
+    query: bool,
+    task: str | None,
+    normalize: bool,
+    dimensions: int | None,
+    max_length: int | None,
+    no_truncate: bool,
+    threads: int | None,
+    quiet: bool,
+    chunk_size: int,
+    auto_quant: bool,
+    keep_f16: bool,
+    **hw_opts,
+) -> None:
+    """Embed TEXTS (or --input) with a GGUF embedder."""
+    import itertools
+    import time
+
+    from tqdm import tqdm
+
+    from quantize.progress import Progress
+    from runner import compact
+    from runner.io import OutputLock, VectorSink, count_lines, output_format, read_texts, run_key
+    from runner.pipeline import Stats, open_pipeline
+
+    if not texts and not input_file:
+        raise BadInput("nothing to embed; pass texts as arguments or --input FILE")
+    if (ranges_file or calibration) and precision not in ("int8", "uint8"):
+        raise BadInput(f"--ranges and --calibration are for --precision int8 or uint8, not {precision}")
+    if ranges_file and calibration:
+        raise BadInput("--ranges or --calibration: one source of int8/uint8 ranges, not both")
+    if input_file and input_file != "-" and not Path(input_file).is_file():
+        raise BadInput(f"{input_file}: no such input file")
+    fmt = output_format(output, fmt)
+    if output:  # one run owns an output: a second one is refused now, before it loads a model (until we exit)
+        click.get_current_context().with_resource(OutputLock(Path(output)))
+    # Read lazily: the texts stream through the pipeline a chunk at a time, whatever the input's size.
+    items = itertools.chain(texts, read_texts(input_file, field, errors) if input_file else ())
+
+    def show_plan(p) -> None:
+        if not quiet:
+            click.echo(p.summary(), err=True)
+
+    pipeline = open_pipeline(
+        model, quant, auto_quant=auto_quant, max_length=max_length, threads=threads,
+        hardware=HardwareOptions(**hw_opts), on_plan=show_plan, keep_f16=keep_f16, progress=Progress.stderr(quiet),
+    )  # fmt: skip
+    options = dict(query=query, task=task, normalize=normalize, max_length=pipeline.max_length, fmt=fmt)
+    options["dtype"] = precision
+    with pipeline:
+        dims = pipeline.check_dimensions(dimensions) or pipeline.dims  # refused before any input is read
+        options |= {"dimensions": dims} if dims != pipeline.dims else {}
+        ranges = None
+        if ranges_file:
+            ranges = compact.load_ranges(ranges_file, dims)
+        elif calibration:  # embedded like the input (prompt, normalisation, dimensions): the ranges fit its vectors
+            found = pipeline.embed(
+                list(read_texts(calibration, field, errors)), query=query, task=task, normalize=normalize,
+                dimensions=dimensions,
+            )  # fmt: skip
+            ranges = compact.ranges_of(found)
+        # Only a file output can be resumed, so only then is the model's content identity needed.
+        key = run_key(pipeline.model.path, options | {"chunk": chunk_size}) if output else ""
+        sink = VectorSink(output, fmt, precision, key, resume, ranges)
+        stats, started = Stats(), time.perf_counter()
+        total = None if input_file == "-" else len(texts) + ((count_lines(input_file) or 0) if input_file else 0)
+        show = not quiet and sys.stderr.isatty()
+        with tqdm(total=total, unit="text", file=sys.stderr, delay=1.0, disable=not show) as bar:
+            chunks = pipeline.stream(
+                items, chunk_size, run_key=key, skip=sink.done, stats=stats,
+                query=query, task=task, normalize=normalize, truncate=not no_truncate, dimensions=dimensions,
+            )  # fmt: skip
+            try:
+                for chunk in chunks:
+                    if chunk.vectors is not None:
+                        sink.write(chunk.index, chunk.digest, chunk.vectors, chunk.first)
+                    bar.update(chunk.count)
+                    rate = stats.tokens / (time.perf_counter() - started)
+                    bar.set_postfix_str(f"{rate:.0f} tokens/s", refresh=False)
+            except KeyboardInterrupt:
+                sink.abandon()
+                raise KeyboardInterrupt(sink.interrupted()) from None
+            except BaseException:
+                sink.abandon()
+                raise
+        saved = sink.finish(dims)
+    seconds = time.perf_counter() - started
+    if stats.truncated:
+        click.echo(
+            f"warning: truncated {stats.truncated} input(s) to {pipeline.max_length} tokens (--no-truncate to refuse)",
+            err=True,
+        )
+    if stats.texts + stats.skipped == 0:
+        click.echo(f"note: {input_file} holds no texts; wrote an empty output", err=True)
+    if not quiet:
+        resumed = f" ({stats.skipped} from the interrupted run)" if stats.skipped else ""
+        where = f" -> {output}" if output else ""
+        plan_note = f", {pipeline.plan.chosen.quant} on {pipeline.plan.device}" if pipeline.plan else ""
+        click.echo(
+            f"embedded {stats.texts} texts{resumed}, {stats.tokens} tokens in {seconds:.1f} s "
+            f"({stats.tokens / max(seconds, 1e-9):.0f} tokens/s; {pipeline.model.path.name}{plan_note}){where}",
+            err=True,
+        )
+    if saved is not None:  # said even with -q: without these ranges, queries cannot be quantized alike
+        click.echo(f"{precision} ranges saved to {saved}; quantize queries alike with --ranges {saved}", err=True)
+
+
+@click.command(name="embed-dataset")
+@click.argument("inputs", nargs=-1, required=True)
+@click.argument("output_dir")
+@model_option
+@click.option(
+    "--quant", default="auto", show_default=True, help="A quant, or auto (planned; see the hardware options)."
+)
+@click.option("--address", help="Ray cluster: auto (a running one), ray://HOST:PORT, or local (default: local).")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True, help="Ray actors, one model each.")
+@click.option("--gpus-per-worker", type=click.FloatRange(0), default=0, show_default=True, help="0: CPU workers.")
+@click.option("--column", default="text", show_default=True, help="Text column (parquet) or field (jsonl).")
+@click.option("--id-column", help="Column/field holding each row's id (default: the row's number in the input).")
+@click.option("--shard-rows", type=click.IntRange(1), default=10_000, show_default=True, help="Rows per output shard.")
+@click.option("--query/--document", default=False, help="Apply the model's query instruction (default: document).")
+@click.option("--task", help="Instruction for --query (default: the model's).")
+@max_length_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+@hardware_options
+def embed_dataset_cmd(
+    inputs: tuple[str, ...],
+    output_dir: str,
+    model: str,
+    quant: str,
+    address: str | None,
+    workers: int,
+    gpus_per_worker: float,
+    column: str,
+    id_column: str | None,
+    shard_rows: int,
+    query: bool,
+    task: str | None,
+    max_length: int | None,
+    quiet: bool,
+    **hw_opts,
+) -> None:
+    """Embed INPUTS (parquet/jsonl/txt files, globs, object-store URIs) into parquet shards in OUTPUT_DIR with
+    Ray (extra `ray`); a rerun skips the shards already complete."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise BadInput("runner embed-dataset needs Ray Data: pip install 'llm-embed-runner[ray]'") from None
+    from runner.distributed import embed_dataset
+
+    s = embed_dataset(
+        list(inputs), output_dir, model, quant, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
+        column=column, id_column=id_column, shard_rows=shard_rows, query=query, task=task, max_length=max_length,
+        hardware=HardwareOptions(**hw_opts), progress=not quiet and sys.stderr.isatty(),
+    )  # fmt: skip
+    if not quiet:
+        skipped = f", {s.skipped_shards} already complete" if s.skipped_shards else ""
+        click.echo(
+            f"embedded {s.rows} rows into {s.shards} shards{skipped} in {s.seconds:.1f} s "
+            f"({s.rows / max(s.seconds, 1e-9):.0f} rows/s, {workers} workers) -> {output_dir}",
+            err=True,
+        )
+        if s.truncated:
+            click.echo(f"warning: truncated {s.truncated} input(s) (column `truncated` marks them)", err=True)

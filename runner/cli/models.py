@@ -1,0 +1,193 @@
+"""The store's commands: `runner convert`, `quantize`, `models`, `rm` and `verify`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from quantize.errors import BadInput
+from quantize.quants import LADDER, PREFERENCE
+from runner.cli.options import AT_LEAST_1
+
+
+@click.command()
+@click.argument("source")
+@click.option("--outdir", type=click.Path(file_okay=False, path_type=Path), help="Default: the models cache.")
+@click.option("--outtype", type=click.Choice(["f16", "bf16", "f32"]), default="f16", show_default=True)
+@click.option("--revision", help="Hub revision (branch, tag or commit) to download.")
+@click.option("--as-embedder", is_flag=True, help="Run a causal-LM checkpoint as an embedder (its LM head dropped).")
+@click.option(
+    "--pooling",
+    type=click.Choice(["mean", "last", "cls"]),
+    help="Pooling to record (unregistered checkpoints; default: the sentence-transformers files', else mean).",
+)
+@click.option(
+    "--causal/--bidirectional",
+    default=None,
+    help="Attention to record (unregistered checkpoints; default bidirectional). Required with last pooling.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars, no summary lines.")
+def convert(
+    source: str,
+    outdir: Path | None,
+    outtype: str,
+    revision: str | None,
+    as_embedder: bool,
+    pooling: str | None,
+    causal: bool | None,
+    quiet: bool,
+) -> None:
+    """Convert SOURCE (HF directory, models.toml name, or hub repo id) to one GGUF; prints its path.
+
+    A file already converted from the same, unchanged source is reused. Refused before the download when the
+    disk cannot hold the download and the GGUF (`runner plan` shows both).
+    """
+    from planner.disk import for_convert
+    from quantize import gguf_keys
+    from quantize.convert import convert as run_convert
+    from quantize.manifest import read_metadata
+    from quantize.progress import Progress
+
+    for_convert(source, outdir, outtype, revision, as_embedder, pooling, causal).check()
+    path = run_convert(
+        source, outdir=outdir, outtype=outtype, revision=revision, as_embedder=as_embedder,
+        progress=Progress.stderr(quiet), pooling=pooling, causal=causal,
+    )  # fmt: skip
+    meta = read_metadata(path)
+    if note := meta.get(gguf_keys.LICENSE_NOTE):
+        click.echo(f"licence: {note}", err=True)
+    click.echo(str(path))
+
+
+@click.command()
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.option("--quant", "quants", multiple=True, type=click.Choice(LADDER, case_sensitive=False))
+@click.option("--all", "all_quants", is_flag=True, help="The whole ladder: " + ", ".join(LADDER))
+@click.option("--outdir", type=click.Path(file_okay=False, path_type=Path), help="Default: next to GGUF_FILE.")
+@click.option("--threads", type=AT_LEAST_1, help="Default: all cores.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars, no summary lines.")
+def quantize(
+    gguf_file: Path, quants: tuple[str, ...], all_quants: bool, outdir: Path | None, threads: int | None, quiet: bool
+) -> None:
+    """Quantize an F16/F32/BF16 GGUF with llama.cpp's quantizer; writes <stem>-<QUANT>.gguf + manifest.json."""
+    from planner.disk import for_quantize
+    from quantize.ladder import quantize as run_quantize
+    from quantize.progress import Progress
+
+    chosen = LADDER if all_quants else [q.upper() for q in quants]
+    if not chosen:
+        raise BadInput("no quant chosen; pass --quant Q8_0 (repeatable) or --all")
+    if gguf_file.is_file():  # a missing file gets the quantizer's own one-line error
+        for_quantize(gguf_file, chosen, outdir).check()
+    for path in run_quantize(gguf_file, chosen, outdir=outdir, threads=threads, progress=Progress.stderr(quiet)):
+        click.echo(str(path))
+
+
+@click.command()
+@click.option(
+    "--prune", is_flag=True, help="First remove what no run will use: temp files of killed runs, quants of an older "
+    "conversion than the F16 beside them, pooling heads no model uses.",
+)  # fmt: skip
+def models(prune: bool) -> None:
+    """List the models.toml registry with the quants already on disk."""
+    from quantize.files import models_home
+    from quantize.progress import size
+    from quantize.registry import load_registry
+    from quantize.store import prune as run_prune
+    from runner.model import on_disk
+
+    if prune:
+        removed = run_prune(models_home())
+        for r in removed:
+            click.echo(f"pruned {r.path} ({size(r.bytes)}): {r.why}")
+        click.echo(f"pruned {len(removed)} file(s), freed {size(sum(r.bytes for r in removed))}")
+    for name, entry in load_registry().items():
+        files = on_disk(models_home() / name)
+        have = ", ".join(f"{q} {p.stat().st_size / 2**30:.2f} GiB" for q, p in files.items()) or "not converted"
+        click.echo(f"{name}  ({entry.architecture}, {entry.dims}-d, {entry.pooling} pooling, licence {entry.license})")
+        click.echo(f"    source: {entry.package or entry.repo}  on disk: {have}")
+        if entry.license_note:
+            click.echo(f"    {entry.license_note}")
+    # Converted checkpoints (-m HF_DIR, hub repo ids) live beside the registry's models: `runner rm` takes them too.
+    home = models_home()
+    registry = load_registry()
+    for d in sorted(p for p in home.iterdir() if p.is_dir() and p.name not in registry) if home.is_dir() else []:
+        if files := on_disk(d):
+            have = ", ".join(f"{q} {size(p.stat().st_size)}" for q, p in files.items())
+            click.echo(f"{d.name}  (converted checkpoint)\n    on disk: {have}")
+
+
+@click.command(name="rm")
+@click.argument("model")
+@click.option(
+    "--quant", "quants", multiple=True, type=click.Choice(PREFERENCE, case_sensitive=False),
+    help="Remove only this quant's file (repeatable; F16 too). Default: every file of the model.",
+)  # fmt: skip
+def rm_cmd(model: str, quants: tuple[str, ...]) -> None:
+    """Remove MODEL's GGUF files and update its manifest.json; MODEL: a name under the models home (a registry
+    name, or a converted checkpoint's) or a model directory holding a manifest.json."""
+    from quantize.errors import ModelNotFound
+    from quantize.files import models_home
+    from quantize.manifest import MANIFEST
+    from quantize.progress import size
+    from quantize.registry import load_registry
+    from quantize.source import cached_snapshot, source_files
+    from quantize.store import remove
+
+    directory = models_home() / model
+    if not directory.is_dir() and Path(model).expanduser().is_dir():
+        directory = Path(model).expanduser()
+        if not (directory / MANIFEST).is_file():  # never sweep *.gguf out of a directory we did not make
+            raise ModelNotFound(f"{model}: no {MANIFEST} here, so not a model directory this tool made; remove by hand")
+    if not any(directory.glob("*.gguf")):
+        raise ModelNotFound(f"{model}: no model files in {directory}; `runner models` lists what is on disk")
+    removed = remove(directory, [q.upper() for q in quants] or None)
+    for r in removed:
+        click.echo(f"removed {r.path} ({size(r.bytes)})")
+    click.echo(f"freed {size(sum(r.bytes for r in removed))}")
+    entry = load_registry().get(model)
+    if not quants and entry and entry.repo and not entry.package and (snap := cached_snapshot(entry.repo, None)):
+        held = sum(f.stat().st_size for f in source_files(snap))
+        click.echo(f"the download ({size(held)}) stays in the Hugging Face cache: `hf cache rm model/{entry.repo}`")
+
+
+@click.command()
+@click.argument("model", required=False)
+def verify(model: str | None) -> None:
+    """Check GGUF files against the sha256 manifest.json recorded when they were made.
+
+    MODEL: a GGUF file, a model directory or a registry name; default: every model under the models home.
+    Exits 1 when a file is missing or differs from its record.
+    """
+    from quantize.files import models_home
+    from quantize.manifest import MANIFEST
+    from quantize.manifest import verify as run_verify
+
+    path = Path(model).expanduser() if model else None
+    if path is not None and path.is_file():
+        results = run_verify(path.parent, only=path.name)
+    else:
+        if path is not None and path.is_dir():
+            directories = [path]
+        elif model:
+            directories = [models_home() / model]
+        else:
+            directories = sorted(p.parent for p in models_home().glob(f"*/{MANIFEST}"))
+        if model and not (directories[0] / MANIFEST).is_file():
+            raise BadInput(f"{model}: no {MANIFEST} there to check against (no such file, directory or model on disk)")
+        results = [r for d in directories for r in run_verify(d)]
+    bad = unrecorded = 0
+    for file, problem in results:
+        if problem is None:
+            click.echo(f"ok   {file}")
+        elif problem.startswith("not in "):
+            unrecorded += 1
+            click.echo(f"?    {file}: {problem}")
+        else:
+            bad += 1
+            click.echo(f"BAD  {file}: {problem}")
+    click.echo(f"{len(results) - bad - unrecorded} ok, {bad} bad, {unrecorded} not recorded", err=True)
+    if bad or (path is not None and path.is_file() and unrecorded):
+        sys.exit(1)

@@ -1,0 +1,100 @@
+"""`runner plan` (which quant runs where, and what the disk needs) and `runner calibrate` (this CPU's speeds)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from planner import HardwareOptions
+from quantize.errors import BadInput
+from runner.cli.options import AT_LEAST_1, hardware_options, model_option
+
+
+@click.command(name="plan")
+@model_option
+@click.option("--quant", help="Plan this quant only (it always wins).")
+@click.option(
+    "--max-length", type=AT_LEAST_1, help="Longest sequence to hold (default: the model's, capped at 8192)."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
+@hardware_options
+def plan_cmd(model: str, quant: str | None, max_length: int | None, as_json: bool, **hw_opts) -> None:
+    """Which quant runs where on this machine: every quant's size and memory, the chosen one marked."""
+    import json
+
+    from planner import plan_for
+
+    p = plan_for(model, quant, max_length, HardwareOptions(**hw_opts))
+    if as_json:
+        click.echo(json.dumps(p.as_json(), indent=2))
+        return
+    gib = 2**30
+    hw = p.hardware
+    gpus = ", ".join(f"GPU{g.index} {g.name} {g.free / gib:.1f} GiB free" for g in hw.gpus) or "no GPU"
+    if hw.gpus and not hw.offload:
+        gpus += " (this llama-cpp-python build cannot offload: rebuild with CMAKE_ARGS=-DGGML_CUDA=on)"
+    click.echo(f"{p.shape.name}: max length {p.settings.max_length} (n_ubatch {p.settings.ubatch})")
+    click.echo(f"hardware: {gpus}; RAM {hw.ram_free / gib:.1f} GiB free; {hw.cores} cores ({hw.source})")
+    click.echo(f"  {'quant':<8}{'file':>10}{'GPU':>10}{'RAM':>10}{'CPU tok/s':>11}{'cos F16':>9}  fits")
+    for r in p.rows:
+        mark = ">" if r is p.chosen or r.quant == p.chosen.quant else " "
+        fits = {"split": f"split, {r.n_gpu_layers}/{p.shape.layers} layers on GPU"}.get(r.fits, r.fits)
+        speed = f"{r.cpu_tokens_per_s:.1f}" if r.cpu_tokens_per_s else "?"
+        cosine = f"{r.retention:.4f}" if r.retention else "?"
+        click.echo(
+            f"{mark} {r.quant:<8}{r.needs.file / gib:>9.2f}G{r.needs.gpu_total / gib:>9.2f}G"
+            f"{r.needs.ram / gib:>9.2f}G{speed:>11}{cosine:>9}  {fits}"
+        )
+    if not any(r.cpu_tokens_per_s for r in p.rows):
+        click.echo("CPU tok/s: not measured on this machine; `runner calibrate -m MODEL` measures it (~2 minutes).")
+    click.echo(f"chosen: {p.chosen.quant} on {p.device} — {p.reason}.")
+    if p.disk and p.disk.items:
+        _show_disk(p.disk)
+
+
+def _show_disk(disk) -> None:
+    """`runner plan`'s disk table: each thing the run needs, its size, whether it is there, and where."""
+    from quantize.progress import size
+
+    click.echo(f"{disk.summary()}:")
+    for i in disk.items:
+        state = "on disk" if not i.needs else ("to write" if not i.have else f"{size(i.have)} cached")
+        note = f"  ({disk.download_from})" if i.what == "download" else ("" if i.exact else "  (estimated)")
+        click.echo(f"  {i.what:<9}{size(i.bytes):>11}  {state:<10}{i.path}{note}")
+
+
+@click.command()
+@click.option("-m", "--model", default="llama-embed-nemotron-8b", show_default=True, help="Whose layer shape to time.")
+@click.option("--quants", default="F16,Q8_0,Q6_K,Q5_K_M,Q5_K_S,Q4_K_M", show_default=True, help="Comma-separated.")
+@click.option("--repeats", type=click.IntRange(1, 20), default=2, show_default=True, help="Timed runs per quant.")
+@click.option("--threads", type=click.IntRange(1, 1024), help="Default: physical cores (what the engine uses).")
+def calibrate(model: str, quants: str, repeats: int, threads: int | None) -> None:
+    """Time each quant on this CPU on MODEL's layer shape; `--auto-quant` and `runner plan` then use it."""
+    from tqdm import tqdm
+
+    from planner import calibration
+    from planner.shapes import resolve_shape
+    from quantize.quants import FIDELITY
+    from runner.calibrate import calibrate as run_calibrate
+
+    chosen = [q.strip().upper() for q in quants.split(",") if q.strip()]
+    if unknown := [q for q in chosen if q not in FIDELITY]:
+        raise BadInput(f"--quants {','.join(unknown)}: unknown quant; choose from {', '.join(FIDELITY)}")
+    shape = resolve_shape(model)
+    steps = 1 + len(chosen) + sum(q != "F16" for q in chosen)  # write, then quantize (not F16) and time each
+    with tqdm(total=steps, file=sys.stderr, disable=not sys.stderr.isatty(), unit="step") as bar:
+
+        def step(message: str) -> None:
+            bar.set_description_str(message)
+            bar.update(1)
+
+        result = run_calibrate(shape, tuple(chosen), threads, repeats, progress=step)
+    path = calibration.save(result)
+    predicted = result.predict(shape)
+    click.echo(f"{result.identity['cpu']}, {result.identity['threads']} threads, llama-cpp-python "
+               f"{result.identity['llama_cpp_python']}: {shape.name}'s layer shape")  # fmt: skip
+    click.echo(f"  {'quant':<8}{f'tok/s ({result.layers} layers)':>22}{f'predicted ({shape.layers} layers)':>26}")
+    for q, tps in result.tokens_per_s.items():
+        click.echo(f"  {q:<8}{tps:>22.1f}{predicted[q]:>26.1f}")
+    click.echo(f"saved to {path}")
