@@ -17,6 +17,12 @@ from quantize.errors import BadInput
 
 UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20}
 UNITS |= {"g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+MAX_SIZE = 2**50  # 1 PiB: more memory than any one machine has, and far inside what the arithmetic holds
+# What a plan says when GPUs are there (probed or --vram) but llama.cpp cannot put layers on them.
+NO_OFFLOAD = (
+    "this llama-cpp-python build cannot offload to a GPU (built for the CPU only, or it sees no GPU); "
+    'for NVIDIA GPUs rebuild it with CMAKE_ARGS="-DGGML_CUDA=on" scripts/install'
+)
 
 
 @dataclass(frozen=True)
@@ -54,11 +60,15 @@ class Hardware:
 
 
 def parse_size(text: str, option: str) -> int:
-    """'12GiB', '12G' (GiB), '16GB', '512MiB', '0' -> bytes; else a one-line error naming OPTION."""
+    """'12GiB', '12G' (GiB), '16GB', '512MiB', '0' -> bytes, at most MAX_SIZE; else a one-line error naming
+    OPTION."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text or "")
     if not m or m.group(2).lower() not in UNITS:
         raise BadInput(f"{option} {text!r}: not a size; write e.g. 12GiB, 16GB or 512MiB")
-    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+    size = float(m.group(1)) * UNITS[m.group(2).lower()]  # inf for a number with hundreds of digits
+    if size > MAX_SIZE:
+        raise BadInput(f"{option} {text[:40]!r}: more than 1 PiB; write the memory to plan for, e.g. 12GiB")
+    return int(size)
 
 
 def probe() -> Hardware:
@@ -74,11 +84,14 @@ def probe() -> Hardware:
 def with_overrides(
     hw: Hardware, vram: str | None = None, ram: str | None = None, cpu: bool = False, reserve: int = 0
 ) -> Hardware:
-    """HW with the user's --vram/--ram/--cpu applied and RESERVE bytes kept back on every device."""
+    """HW with the user's --vram/--ram/--cpu applied and RESERVE bytes kept back on every device.
+
+    --vram says how much memory the GPUs have, not what this llama.cpp build can do: HW's `offload` stays.
+    """
     if vram is not None:
         sizes = [parse_size(part, "--vram") for part in vram.split(",")]
         gpus = tuple(Gpu(i, "as given (--vram)", s, s) for i, s in enumerate(sizes))
-        hw = replace(hw, gpus=gpus, offload=True, source="override")
+        hw = replace(hw, gpus=gpus, source="override")
     if ram is not None:
         size = parse_size(ram, "--ram")
         hw = replace(hw, ram_free=size, ram_total=max(size, hw.ram_total), source="override")
@@ -91,7 +104,8 @@ def with_overrides(
 
 
 def _offload_supported() -> bool:
-    import llama_cpp
+    """Whether this llama.cpp build has a GPU backend with a device (asked without loading a model)."""
+    import llama_cpp  # only here: the rest of the planner never loads llama.cpp
 
     return bool(llama_cpp.llama_supports_gpu_offload())
 

@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from planner.hardware import Hardware
+from planner.hardware import NO_OFFLOAD, Hardware
 from planner.memory import Needs, Settings, needs
 from planner.shapes import ModelShape
 from quantize.errors import BadInput
@@ -41,6 +41,7 @@ CALIBRATE_HINT = "no CPU calibration for this machine: `runner calibrate -m MODE
 ACCEPTABLE_PARTIAL = FIDELITY[: FIDELITY.index("Q4_K_M") + 1]
 MAX_LENGTH_CAP = 8192  # default --max-length: the model's max length, at most this (compute grows with it)
 GIB = 2**30
+SHORTER = "try a shorter --max-length"  # what a plan that fits nowhere, even at Q2_K, can still change
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ def plan(
     """The plan for SHAPE on HW. CPU_SPEEDS: predicted tokens/s per quant on this CPU (calibration), if any."""
     if prefer not in PREFERENCES:
         raise BadInput(f"--prefer {prefer}: choose from {', '.join(PREFERENCES)}")
-    s = Settings(max_length)
+    s = Settings(max_length, hw.embeddings_only)
     speeds = cpu_speeds or {}
     rows = tuple(
         replace(evaluate(shape, q, hw, s), cpu_tokens_per_s=speeds.get(q), retention=RETENTION.get(q)) for q in FIDELITY
@@ -182,14 +183,17 @@ def plan(
 
     def done(row: Row, reason: str) -> Plan:
         row = replace(row, cpu_tokens_per_s=speeds.get(row.quant), retention=RETENTION.get(row.quant))
-        return Plan(shape, hw, s, rows, row, reason, prefer)
+        # The table shows the chosen quant where it runs (a quant re-planned for the CPU is no longer "split").
+        return Plan(shape, hw, s, tuple(row if r.quant == row.quant else r for r in rows), row, reason, prefer)
 
+    cannot_offload = bool(hw.gpus) and not hw.offload
     if quant:
         quant = _check(quant, "--quant")
         row = by_quant[quant]
         if row.fits == "no":
-            raise BadInput(_no_fit(shape, row, hw, s))
-        return done(row, f"{quant} was asked for")
+            lower = [r.quant for r in rows[FIDELITY.index(quant) + 1 :] if r.fits != "no"]
+            raise BadInput(_no_fit(shape, row, hw, s, f"try --quant {lower[0]}" if lower else SHORTER))
+        return done(row, f"{quant} was asked for" + (f"; {NO_OFFLOAD}" if cannot_offload else ""))
     hi = FIDELITY.index(_check(max_quant, "--max-quant")) if max_quant else 0
     lo = FIDELITY.index(_check(min_quant, "--min-quant")) if min_quant else len(FIDELITY) - 1
     if hi > lo:
@@ -206,8 +210,20 @@ def plan(
     on_cpu = [r for r in on_cpu if r.fits == "cpu"]
     if not on_cpu:
         smallest = allowed[-1]  # never empty: hi <= lo was checked above
-        raise BadInput(_no_fit(shape, smallest, hw, s))
-    why = "no usable GPU" if not hw.usable_gpus() else "too little GPU memory for an acceptable quant"
+        if lo < len(FIDELITY) - 1:  # what runs lies below the user's --min-quant: name it, not a --quant past it
+            try:
+                below = plan(shape, hw, max_length, None, max_quant, None, prefer, cpu_speeds).chosen.quant
+                hint = f"lower --min-quant to {below}"
+            except BadInput:
+                hint = SHORTER
+        else:
+            split = [r.quant for r in allowed if r.fits == "split"]  # below Q4_K_M: only when asked for
+            hint = f"try --quant {split[0]} (part on the GPU)" if split else SHORTER
+        raise BadInput(_no_fit(shape, smallest, hw, s, hint))
+    if cannot_offload:
+        why = NO_OFFLOAD
+    else:
+        why = "no usable GPU" if not hw.usable_gpus() else "too little GPU memory for an acceptable quant"
     if prefer == "balanced":
         fast = [r for r in on_cpu if r.quant in speeds and RETENTION.get(r.quant, 0.0) >= BALANCED_COSINE]
         rule = f"the fastest quant on this CPU that keeps >= {BALANCED_COSINE} cosine to F16"
@@ -234,10 +250,10 @@ def _check(quant: str, option: str) -> str:
     return q
 
 
-def _no_fit(shape: ModelShape, row: Row, hw: Hardware, s: Settings) -> str:
+def _no_fit(shape: ModelShape, row: Row, hw: Hardware, s: Settings, hint: str) -> str:
+    """ROW's quant does not fit: what it needs, what there is, HINT (what would run), and what machine would."""
     vram = sum(g.free for g in hw.usable_gpus())
     have = f"{hw.ram_free / GIB:.1f} GiB RAM" + (f" + {vram / GIB:.1f} GiB GPU" if vram else "")
-    hint = "try --quant Q2_K" if row.quant != "Q2_K" else "try a shorter --max-length"
     on_gpu = needs(shape, row.quant, s, (shape.layers,)).gpu_total
     return (
         f"{shape.name} does not fit: {row.quant} needs {row.needs.ram / GIB:.1f} GiB RAM on the CPU, have {have}; "

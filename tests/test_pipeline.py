@@ -62,7 +62,11 @@ def test_needs_breaks_down_per_device() -> None:
     assert n.gpu == tuple(d.weights + d.kv_cache + d.compute + d.overhead for d in n.gpus)
     assert n.gpus[0].kv_cache == 10 * n.gpus[1].kv_cache // 6 and n.cpu.kv_cache > 0  # 16 layers stay on the CPU
     assert n.ram == n.cpu.total and n.cpu.output > 0
-    doc = json.loads(run_cli("plan", "-m", "llama-embed-nemotron-8b", "--vram", "12GiB", "--json").stdout)
+    from planner import HardwareOptions, plan_for
+    from planner.hardware import Hardware
+
+    gpu_build = Hardware((), 64 * 2**30, 64 * 2**30, 8, True, "test")  # --vram plans layers only where they can go
+    doc = plan_for("llama-embed-nemotron-8b", options=HardwareOptions(vram="12GiB"), hardware=gpu_build).as_json()
     devices = doc["chosen"]["devices"]
     assert [d["device"] for d in devices] == ["GPU0", "CPU"]
     assert devices[0]["total"] == doc["chosen"]["gpu_bytes"] and devices[1]["total"] == doc["chosen"]["ram_bytes"]

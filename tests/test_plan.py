@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
+from planner import HardwareOptions, plan_for
 from planner.hardware import Gpu, Hardware, parse_nvidia_smi, parse_size, with_overrides
 from planner.memory import Settings, compute_bytes, kv_per_layer, needs, output_bytes
 from planner.policy import plan
 from planner.shapes import resolve_shape
+from quantize.errors import BadInput
 from tests.conftest import run_cli
 
 GIB = 2**30
@@ -71,13 +74,62 @@ def test_bounds_and_explicit_quant() -> None:
     assert forced.chosen.quant == "Q8_0" and forced.device == "split"
 
 
-def test_plan_json_cli(tmp_path) -> None:
-    out = run_cli("plan", "-m", "llama-embed-nemotron-8b", "--vram", "12GiB", "--ram", "32GiB", "--json").stdout
+def test_what_does_not_fit_names_what_would_within_the_bounds() -> None:
+    """Never `--quant Q2_K` past a --min-quant the user set: the floor is named, with the quant that would run."""
+    shape = resolve_shape("llama-embed-nemotron-8b")
+    small = with_overrides(machine(ram=8), reserve=GIB)  # Q3_K_S is the most that fits (DECISIONS)
+    with pytest.raises(BadInput) as floor:
+        plan(shape, small, 4096, min_quant="Q4_K_M")
+    assert "lower --min-quant to Q3_K_S" in str(floor.value) and "--quant" not in str(floor.value), floor.value
+    with pytest.raises(BadInput) as forced:
+        plan(shape, small, 4096, quant="Q8_0")
+    assert "try --quant Q3_K_S" in str(forced.value), forced.value
+
+
+def test_a_quant_replanned_for_the_cpu_is_not_left_marked_split() -> None:
+    """Below Q4_K_M a split is not worth it: the quant runs on the CPU, and its row in the table says so."""
+    shape, small_gpu = resolve_shape("llama-embed-nemotron-8b"), with_overrides(machine([4]), reserve=GIB)
+    p = plan(shape, small_gpu, 4096, max_quant="Q3_K_L")
+    assert (p.chosen.quant, p.device) == ("Q3_K_L", "cpu"), p.summary()
+    (row,) = [r for r in p.rows if r.quant == "Q3_K_L"]
+    assert row == p.chosen and row.fits == "cpu" and not row.gpu_layers
+    assert {r.fits for r in p.rows if r.quant != "Q3_K_L"} == {"split"}  # the others: where --quant would put them
+
+
+def test_a_build_that_cannot_offload_plans_the_cpu_and_says_how_to_rebuild() -> None:
+    """--vram says what the GPU holds; whether layers can go there is the llama.cpp build's (Hardware.offload)."""
+    shape = resolve_shape("llama-embed-nemotron-8b")
+    cpu_build = with_overrides(replace(machine(ram=32), offload=False), vram="12GiB", reserve=GIB)
+    assert cpu_build.gpus and not cpu_build.offload
+    rebuild = 'CMAKE_ARGS="-DGGML_CUDA=on" scripts/install'
+    for p in (plan(shape, cpu_build, 4096), plan(shape, cpu_build, 4096, quant="Q8_0")):
+        assert p.device == "cpu" and p.chosen.n_gpu_layers == 0 and rebuild in p.summary(), p.summary()
+        assert all(r.fits in ("cpu", "no") for r in p.rows)
+    gpu_build = with_overrides(machine(ram=32), vram="12GiB", reserve=GIB)
+    assert plan(shape, gpu_build, 4096).device == "gpu"
+
+
+def test_plan_says_when_this_build_cannot_offload() -> None:
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama.cpp build can offload")
+    out = run_cli("plan", "-m", "all-minilm-l6-v2", "--vram", "12GiB").stdout
+    (chosen,) = [line for line in out.splitlines() if line.startswith("chosen:")]
+    assert "on cpu" in chosen and 'CMAKE_ARGS="-DGGML_CUDA=on" scripts/install' in chosen, out
+
+
+def test_plan_json() -> None:
+    out = run_cli("plan", "-m", "llama-embed-nemotron-8b", "--cpu", "--ram", "32GiB", "--json").stdout
     doc = json.loads(out)
-    assert doc["model"] == "llama-embed-nemotron-8b" and doc["chosen"]["quant"] == "Q8_0"
-    assert doc["chosen"]["device"] == "gpu" and doc["chosen"]["n_gpu_layers"] == 32
+    assert doc["model"] == "llama-embed-nemotron-8b"
+    assert (doc["chosen"]["quant"], doc["chosen"]["device"]) == ("F16", "cpu")
     assert [q["quant"] for q in doc["quants"]][:3] == ["F16", "Q8_0", "Q6_K"]
     assert {"quant", "file_bytes", "gpu_bytes", "ram_bytes", "fits", "n_gpu_layers"} <= set(doc["quants"][0])
+    assert isinstance(doc["hardware"]["gpu_offload_supported"], bool)
+    options = HardwareOptions(vram="12GiB", ram="32GiB")
+    gpu = plan_for("llama-embed-nemotron-8b", options=options, hardware=machine()).as_json()
+    assert (gpu["chosen"]["quant"], gpu["chosen"]["device"], gpu["chosen"]["n_gpu_layers"]) == ("Q8_0", "gpu", 32)
 
 
 @pytest.mark.parametrize(
@@ -87,6 +139,8 @@ def test_plan_json_cli(tmp_path) -> None:
         (["--cpu", "--ram", "4GiB"], "does not fit: Q2_K needs"),
         (["--vram", "0", "--ram", "0"], "does not fit"),
         (["--max-quant", "Q9"], "--max-quant Q9: unknown quant"),
+        (["--vram", "9" * 400], "--vram '9999"),  # not an OverflowError from float('9' * 400) = inf
+        (["--ram", "9" * 400 + "GiB"], "--ram '9999"),
     ],
 )
 def test_bad_hardware_input_is_one_line(args, message) -> None:
@@ -97,6 +151,10 @@ def test_bad_hardware_input_is_one_line(args, message) -> None:
 def test_sizes_and_nvidia_smi_parsing() -> None:
     assert parse_size("12GiB", "--vram") == 12 * GIB and parse_size("16GB", "--ram") == 16 * 10**9
     assert parse_size("512MiB", "--vram") == 512 * 2**20 and parse_size("8G", "--vram") == 8 * GIB
+    assert parse_size("1024TiB", "--ram") == 2**50
+    for huge in ("1025TiB", "9" * 400, "1" + "0" * 400 + "GiB"):
+        with pytest.raises(BadInput, match="--ram .*: more than 1 PiB"):
+            parse_size(huge, "--ram")
     gpus = parse_nvidia_smi("0, NVIDIA GeForce RTX 4090, 24564, 23000, 8.9\n1, Tesla T4, 15360, 0, 7.5\n")
     assert [(g.name, g.free) for g in gpus] == [("NVIDIA GeForce RTX 4090", 23000 * 2**20), ("Tesla T4", 0)]
     hw = Hardware(tuple(gpus), 64 * GIB, 64 * GIB, 8, True)
