@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,11 +24,17 @@ from pathlib import Path
 
 from planner.shapes import ModelShape
 from quantize.files import models_home, write_text_atomic
+from quantize.gguf_check import MAX_LAYERS
+from quantize.quants import FIDELITY
+
+log = logging.getLogger("runner")
 
 CALIBRATED_LAYERS = 2  # with 2 layers, Q4_K_M/Q5_K_M's "more bits" layers are 1 in 2, as in 32-layer models
 # The ISA features that pick llama.cpp's CPU kernels; other flags do not change which code runs.
 ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
              "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve", "i8mm")  # fmt: skip
+# Tokens/s over the timed layers above which a cache entry is not a measurement: CPUs manage thousands.
+MAX_TOKENS_PER_S = 1e9
 
 
 def cache_file() -> Path:
@@ -76,18 +83,51 @@ class Calibration:
 
 
 def load(shape: ModelShape, threads: int, path: Path | None = None) -> Calibration | None:
-    """The calibration for SHAPE's layer on this CPU at THREADS threads, or None when there is none."""
+    """The calibration for SHAPE's layer on this CPU at THREADS threads, or None when there is none.
+
+    The cache is a plain file in the models home, which may be edited by hand or copied from elsewhere: an
+    entry that is not a plausible measurement is ignored with one warning, never planned with.
+    """
     path = path or cache_file()
     try:
         entries = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError) as e:
+        log.warning("%s is not a readable calibration cache (%s); ignored", path, str(e)[:80])
         return None
     identity, layer = cpu_identity(threads), layer_shape(shape)
     found = entries.get(_entry_key(identity, layer)) if isinstance(entries, dict) else None
-    if not isinstance(found, dict) or not isinstance(found.get("tokens_per_s"), dict):
+    if found is None:
         return None
-    speeds = {str(q): float(v) for q, v in found["tokens_per_s"].items() if isinstance(v, int | float) and v > 0}
-    return Calibration(identity, layer, int(found.get("layers", CALIBRATED_LAYERS)), speeds)
+    try:
+        layers, speeds = _checked(found)
+    except ValueError as e:
+        log.warning(
+            "%s: the entry for this CPU and layer shape is not a measurement (%s); ignored: "
+            "`runner calibrate -m MODEL` measures it again",
+            path,
+            e,
+        )
+        return None
+    return Calibration(identity, layer, layers, speeds)
+
+
+def _checked(entry: object) -> tuple[int, dict[str, float]]:
+    """An entry's timed layer count and tokens/s per quant, or a ValueError saying what is wrong."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("tokens_per_s"), dict):
+        raise ValueError("no tokens_per_s table")
+    layers = entry.get("layers")
+    if not isinstance(layers, int) or isinstance(layers, bool) or not 1 <= layers <= MAX_LAYERS:
+        raise ValueError(f"layers {str(layers)[:20]!r} is not a whole number from 1 to {MAX_LAYERS}")
+    speeds = {}
+    for quant, rate in entry["tokens_per_s"].items():
+        if quant not in FIDELITY:
+            raise ValueError(f"{quant[:20]!r} is not a quant")
+        if not isinstance(rate, int | float) or isinstance(rate, bool) or not 0 < rate <= MAX_TOKENS_PER_S:
+            raise ValueError(f"{quant} at {str(rate)[:20]} tokens/s is not above 0 and at most {MAX_TOKENS_PER_S:g}")
+        speeds[quant] = float(rate)
+    return layers, speeds
 
 
 @contextlib.contextmanager
@@ -107,7 +147,9 @@ def save(calibration: Calibration, path: Path | None = None) -> Path:
     with _locked(path):
         try:
             entries = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
+            entries = {}
+        if not isinstance(entries, dict):  # a cache that is not a table is replaced, not crashed on
             entries = {}
         entries[_entry_key(calibration.identity, calibration.layer)] = {
             "identity": calibration.identity,

@@ -8,7 +8,7 @@ import pytest
 
 from planner import HardwareOptions, plan_for
 from planner.calibration import CALIBRATED_LAYERS, Calibration, cpu_identity, layer_shape, load, save
-from planner.hardware import Gpu, Hardware, with_overrides
+from planner.hardware import Gpu, Hardware, probe, with_overrides
 from planner.policy import plan
 from planner.shapes import resolve_shape
 from quantize.errors import BadInput
@@ -95,3 +95,76 @@ def test_calibrate_command_measures_and_plan_shows_it(tmp_path) -> None:
     assert doc["chosen"]["quant"] in ("F16", "Q8_0") and doc["prefer"] == "balanced"
     bad = run_cli("calibrate", "-m", "all-minilm-l6-v2", "--quants", "Q9", env=env, check=False)
     assert bad.returncode == 1 and "--quants Q9: unknown quant" in bad.stderr
+
+
+# A cache file anyone can edit, as JSON text: (what is changed, the raw JSON written in its place).
+HOSTILE = [
+    ("layers", '"abc"'),
+    ("layers", "null"),
+    ("layers", "1e400"),  # inf to Python's reader
+    ("layers", "-2"),  # planned -300 tokens/s
+    ("layers", "0"),
+    ("layers", "true"),
+    ("layers", "2.5"),
+    ("F16", "1e999"),  # planned "inf tokens/s predicted" and chosen
+    ("F16", "-300"),
+    ("F16", "0"),
+    ("F16", "NaN"),
+    ("F16", '"fast"'),
+    ("F16", "1e300"),
+    ("Q9", "5"),
+    ("tokens_per_s", "[]"),
+    ("entry", '"x"'),
+]
+
+
+def hostile_cache(home, shape, threads: int, field: str, raw: str) -> None:
+    """A good calibration for SHAPE at THREADS in HOME, then FIELD of its entry replaced by the JSON text RAW."""
+    good = Calibration(cpu_identity(threads), layer_shape(shape), CALIBRATED_LAYERS, dict(Q6K_FASTEST))
+    path = save(good, home / "calibration.json")
+    entries = json.loads(path.read_text())
+    (key,) = entries
+    if field == "entry":
+        entries[key] = "@"
+    elif field in ("layers", "tokens_per_s"):
+        entries[key][field] = "@"
+    else:
+        entries[key]["tokens_per_s"][field] = "@"
+    path.write_text(json.dumps(entries).replace('"@"', raw))
+
+
+@pytest.mark.parametrize("field,raw", HOSTILE)
+def test_a_hostile_calibration_is_ignored_with_one_warning(tmp_path, monkeypatch, caplog, field, raw) -> None:
+    monkeypatch.setenv("EMBEDRUNNER_HOME", str(tmp_path))
+    shape = resolve_shape("llama-embed-nemotron-8b")
+    hostile_cache(tmp_path, shape, 8, field, raw)
+    with caplog.at_level("WARNING", logger="runner"):
+        assert load(shape, threads=8) is None
+    (warning,) = caplog.records
+    assert str(tmp_path / "calibration.json") in warning.getMessage() and "ignored" in warning.getMessage()
+    p = plan_for("llama-embed-nemotron-8b", options=HardwareOptions(ram="32GiB", cpu=True), hardware=cpu_machine(64))
+    assert p.chosen.quant == "F16" and "runner calibrate" in p.reason, p.summary()  # no calibration: fidelity
+    assert all(r.cpu_tokens_per_s is None for r in p.rows)
+
+
+def test_a_hostile_calibration_through_the_cli(tmp_path) -> None:
+    """`runner plan` on a cache whose layers are "abc" (exit 2 before) and one claiming 1e999 tokens/s."""
+    shape = resolve_shape("llama-embed-nemotron-8b")
+    for field, raw in (("layers", '"abc"'), ("F16", "1e999")):
+        hostile_cache(tmp_path, shape, probe().cores, field, raw)
+        args = ("plan", "-m", "llama-embed-nemotron-8b", "--cpu", "--ram", "32GiB")
+        proc = run_cli(*args, env={"EMBEDRUNNER_HOME": str(tmp_path)})
+        warnings = proc.stderr.strip().splitlines()
+        assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "calibration.json" in warnings[0]
+        assert "not measured on this machine" in proc.stdout and "inf" not in proc.stdout, proc.stdout
+
+
+def test_a_cache_that_is_not_a_table_is_ignored_and_replaced(tmp_path) -> None:
+    shape = resolve_shape("llama-embed-nemotron-8b")
+    path = tmp_path / "calibration.json"
+    for text in ("{not json", "[1, 2]", "[" * 100_000):
+        path.write_text(text)
+        assert load(shape, threads=8, path=path) is None
+        good = Calibration(cpu_identity(8), layer_shape(shape), CALIBRATED_LAYERS, dict(Q6K_FASTEST))
+        save(good, path)
+        assert load(shape, threads=8, path=path) == good
