@@ -6,8 +6,16 @@ import contextlib
 import glob
 import hashlib
 import os
+import re
+import secrets
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+# `.<name>.partial-<host>-<pid>-<token>`: the host and PID say whose it is (a killed writer's can be removed),
+# the random token keeps two writers apart even where hosts share a filesystem and reuse PIDs. The older form
+# `.<name>.partial-<pid>` is still recognised, so its leftovers are still cleaned up.
+_PARTIAL = re.compile(r"\.partial-(?:(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[0-9a-f]{16}|(?P<old_pid>\d+))$")
 
 
 def models_home() -> Path:
@@ -18,37 +26,54 @@ def models_home() -> Path:
     return Path(cache) / "embedrunner"
 
 
+def temp_name(name: str) -> str:
+    """A temp file name for writing NAME beside it, unique to this writer: `.<name>.partial-<host>-<pid>-<token>`."""
+    return f".{name}.partial-{_host()}-{os.getpid()}-{secrets.token_hex(8)}"
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside PATH; on success fsync it and rename it to PATH, else delete it.
+    """Yield a temp path beside PATH; on success fsync it, rename it to PATH and fsync the directory (so the new
+    name survives a power cut), else delete it. A link at PATH is replaced, never written through.
 
-    Temp files of PATH that a killed process left (kill -9 mid-conversion: its PID is gone) are removed first.
+    Temp files of PATH that a killed writer on this host left (its PID is gone) are removed first.
     """
-    _remove_orphans(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
+        if orphaned(tmp):
+            tmp.unlink(missing_ok=True)
+    tmp = path.with_name(temp_name(path.name))
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(tmp)
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _remove_orphans(path: Path) -> None:
-    """Delete `.<name>.partial-<PID>` files beside PATH whose writer no longer runs (a live one is left alone)."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
-        pid = tmp.name.rsplit("-", 1)[1]
-        if pid.isdigit() and 0 < int(pid) != os.getpid() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def orphaned(path: Path) -> bool:
+    """PATH is a temp file of `atomic_path` whose writer ran on this host and is gone (kill -9 mid-write).
+    Another host's temp file, or a live writer's, is not: it may still be being written."""
+    found = _PARTIAL.search(path.name)
+    if found is None or not path.name.startswith("."):
+        return False
+    if found["old_pid"] is not None:
+        pid = int(found["old_pid"])
+    elif found["host"] == _host():
+        pid = int(found["pid"])
+    else:
+        return False
+    return 0 < pid != os.getpid() and not _alive(pid)
+
+
+def _host() -> str:
+    """This host's name as it goes into temp names: file-name-safe characters only, at most 64 of them."""
+    return re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname())[:64] or "localhost"
 
 
 def _alive(pid: int) -> bool:
@@ -61,9 +86,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sha256(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:

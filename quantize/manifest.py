@@ -8,16 +8,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from quantize import CONVERTER_VERSION, gguf_keys
-from quantize.errors import BadInput, CorruptModelFile
+from quantize.errors import BadInput, CorruptModelFile, UserError
 from quantize.files import sha256, write_text_atomic
 from quantize.gguf_header import read_header
 from quantize.progress import SILENT, Progress
 
 MANIFEST = "manifest.json"
+_MAX_BYTES = 1 << 20  # a manifest records a few dozen files in a few KB; anything bigger is not one
 
 
 def read_metadata(path: Path) -> dict[str, object]:
@@ -30,15 +33,25 @@ def read_metadata(path: Path) -> dict[str, object]:
         raise CorruptModelFile(f"{path}: not a readable GGUF file ({e}); re-create it with `runner convert`") from None
 
 
+def plain_name(name: object) -> bool:
+    """NAME is a file name and nothing more: no directory part and no `..`, so joining it to a directory cannot
+    leave that directory. The only names a manifest may record."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """An exclusive lock on DIRECTORY's manifest: concurrent quantize/convert runs must not drop entries."""
-    with open(directory / f".{MANIFEST}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    lock = directory / f".{MANIFEST}.lock"
+    try:  # never through a link: opening one would create or lock a file elsewhere
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise BadInput(f"{lock}: cannot open it ({e.strerror}); remove it if it is a link") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _identity(path: Path) -> dict[str, int]:
@@ -48,15 +61,33 @@ def _identity(path: Path) -> dict[str, int]:
 
 
 def _read(manifest_path: Path) -> dict:
-    if not manifest_path.is_file():
-        return {"files": {}}
+    """MANIFEST_PATH's content ({"files": {}} when there is none), or CorruptModelFile: not JSON, not a table of
+    files, too big, or not a regular file (a link is not followed)."""
     try:
-        manifest = json.loads(manifest_path.read_text())
-        if not isinstance(manifest.get("files"), dict):
-            raise ValueError("no files table")
+        fd = os.open(manifest_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return {"files": {}}
+    except OSError as e:
+        raise CorruptModelFile(f"{manifest_path}: cannot read it ({e.strerror}); remove it if it is a link") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_BYTES:
+            raise CorruptModelFile(f"{manifest_path}: not a manifest (not a regular file of at most 1 MiB)")
+        data = f.read(_MAX_BYTES + 1)
+    try:
+        manifest = json.loads(data)
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise ValueError("no table of files")
         return manifest
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CorruptModelFile(f"{manifest_path}: not a manifest ({e}); delete it and re-create the models") from None
+
+
+def entries(directory: Path) -> dict[str, dict]:
+    """DIRECTORY's manifest entries by file name ({} without a manifest), or CorruptModelFile. Only plain file
+    names with a table each: an entry like `../x.gguf` names nothing this directory holds."""
+    files = _read(directory / MANIFEST)["files"]
+    return {name: entry for name, entry in files.items() if plain_name(name) and isinstance(entry, dict)}
 
 
 def record(path: Path, quant: str, progress: Progress = SILENT) -> None:
@@ -87,10 +118,10 @@ def forget(directory: Path, names: list[str]) -> None:
     if not manifest_path.is_file():
         return
     with _locked(directory):  # read-modify-write under the lock, as record does
-        manifest = json.loads(manifest_path.read_text())
+        manifest = _read(manifest_path)
         for name in names:
-            manifest.get("files", {}).pop(name, None)
-        if manifest.get("files"):
+            manifest["files"].pop(name, None)
+        if manifest["files"]:
             write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
         else:
             manifest_path.unlink()
@@ -107,7 +138,7 @@ def _restamp(path: Path, digest: str) -> None:
             if isinstance(entry, dict) and entry.get("sha256") == digest and entry | identity != entry:
                 entry.update(identity)
                 write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
-    except (OSError, CorruptModelFile):
+    except (OSError, UserError):
         pass
 
 
@@ -135,17 +166,27 @@ def verify(directory: Path, only: str | None = None) -> list[tuple[Path, str | N
     """Hash each file DIRECTORY's manifest.json records (or only the file named ONLY) against it.
 
     Returns (path, problem) pairs, problem None when the file matches; GGUF files the manifest does not
-    record are listed with the problem "not in manifest.json".
+    record are listed with the problem "not in manifest.json", a manifest that cannot be read is one problem.
+    Only plain names beside the manifest are read, never through a link.
     """
-    files = _read(directory / MANIFEST)["files"]
+    try:
+        files = _read(directory / MANIFEST)["files"]
+    except CorruptModelFile as e:
+        return [(directory / MANIFEST, str(e).removeprefix(f"{directory / MANIFEST}: "))]
     names = [only] if only else sorted(set(files) | {p.name for p in directory.glob("*.gguf")})
     out: list[tuple[Path, str | None]] = []
     for name in names:
+        if not plain_name(name):
+            out.append((directory, f"{MANIFEST} records {name!r}, not a plain file name: nothing here to check"))
+            continue
         path, entry = directory / name, files.get(name)
+        kind = path.lstat().st_mode if os.path.lexists(path) else None
         if not isinstance(entry, dict):
             out.append((path, f"not in {MANIFEST}: nothing to check it against"))
-        elif not path.is_file():
+        elif kind is None:
             out.append((path, f"missing (recorded in {MANIFEST})"))
+        elif not stat.S_ISREG(kind):
+            out.append((path, f"not a regular file (a link or a device), while {MANIFEST} recorded one"))
         elif path.stat().st_size != entry.get("bytes"):
             out.append((path, f"{path.stat().st_size} bytes, {MANIFEST} recorded {entry.get('bytes')}"))
         elif (digest := sha256(path)) != entry.get("sha256"):

@@ -126,24 +126,15 @@ def models(prune: bool) -> None:
     help="Remove only this quant's file (repeatable; F16 too). Default: every file of the model.",
 )  # fmt: skip
 def rm_cmd(model: str, quants: tuple[str, ...]) -> None:
-    """Remove MODEL's GGUF files and update its manifest.json; MODEL: a name under the models home (a registry
-    name, or a converted checkpoint's) or a model directory holding a manifest.json."""
-    from quantize.errors import ModelNotFound
-    from quantize.files import models_home
-    from quantize.manifest import MANIFEST
+    """Remove MODEL's GGUF files from the models home and update its manifest.json; MODEL: a name under the models
+    home (a registry name, or a converted checkpoint's). Only files its manifest.json records go, never through
+    a link."""
     from quantize.progress import size
     from quantize.registry import load_registry
     from quantize.source import cached_snapshot, source_files
-    from quantize.store import remove
+    from quantize.store import remove_model
 
-    directory = models_home() / model
-    if not directory.is_dir() and Path(model).expanduser().is_dir():
-        directory = Path(model).expanduser()
-        if not (directory / MANIFEST).is_file():  # never sweep *.gguf out of a directory we did not make
-            raise ModelNotFound(f"{model}: no {MANIFEST} here, so not a model directory this tool made; remove by hand")
-    if not any(directory.glob("*.gguf")):
-        raise ModelNotFound(f"{model}: no model files in {directory}; `runner models` lists what is on disk")
-    removed = remove(directory, [q.upper() for q in quants] or None)
+    removed = remove_model(model, [q.upper() for q in quants] or None)
     for r in removed:
         click.echo(f"removed {r.path} ({size(r.bytes)})")
     click.echo(f"freed {size(sum(r.bytes for r in removed))}")
@@ -161,23 +152,9 @@ def verify(model: str | None) -> None:
     MODEL: a GGUF file, a model directory or a registry name; default: every model under the models home.
     Exits 1 when a file is missing or differs from its record.
     """
-    from quantize.files import models_home
-    from quantize.manifest import MANIFEST
-    from quantize.manifest import verify as run_verify
+    from quantize.store import verify as run_verify
 
-    path = Path(model).expanduser() if model else None
-    if path is not None and path.is_file():
-        results = run_verify(path.parent, only=path.name)
-    else:
-        if path is not None and path.is_dir():
-            directories = [path]
-        elif model:
-            directories = [models_home() / model]
-        else:
-            directories = sorted(p.parent for p in models_home().glob(f"*/{MANIFEST}"))
-        if model and not (directories[0] / MANIFEST).is_file():
-            raise BadInput(f"{model}: no {MANIFEST} there to check against (no such file, directory or model on disk)")
-        results = [r for d in directories for r in run_verify(d)]
+    results = run_verify(model)
     bad = unrecorded = 0
     for file, problem in results:
         if problem is None:
@@ -189,5 +166,5 @@ def verify(model: str | None) -> None:
             bad += 1
             click.echo(f"BAD  {file}: {problem}")
     click.echo(f"{len(results) - bad - unrecorded} ok, {bad} bad, {unrecorded} not recorded", err=True)
-    if bad or (path is not None and path.is_file() and unrecorded):
+    if bad or (model is not None and Path(model).expanduser().is_file() and unrecorded):
         sys.exit(1)
