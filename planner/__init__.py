@@ -2,7 +2,10 @@
 
 Pure and llama.cpp-free (a test holds it to that): shapes (planner.shapes, from the model family classes),
 GGUF sizes (quantize.sizes), the memory model (planner.memory), batching (planner.batching) and the policy
-(planner.policy) are plain functions of plain data. The hardware probe (planner.hardware) is the one edge.
+(planner.policy) are plain functions of plain data. The edges, each patched by tests: the hardware probe
+(planner.hardware: GPUs, RAM, cores), the filesystem (GGUF headers and the models home, read by planner.shapes
+and planner.disk; free space, planner.disk.volume), the Hugging Face hub and cache (planner.disk's download
+listing, planner.shapes.hub_config) and this CPU's calibration (planner.calibration).
 
 >>> from planner import HardwareOptions, plan_for
 >>> plan_for("llama-embed-nemotron-8b", options=HardwareOptions(vram="12GiB", ram="32GiB")).chosen.quant
@@ -12,13 +15,12 @@ GGUF sizes (quantize.sizes), the memory model (planner.memory), batching (planne
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from planner import calibration, disk
 from planner.hardware import Hardware, parse_size, probe, with_overrides
 from planner.policy import Plan, max_length_for, plan
 from planner.shapes import file_quant, resolve_shape
-from quantize.registry import load_registry
+from quantize.reference import Kind, ModelRef
 
 
 @dataclass(frozen=True)
@@ -35,31 +37,33 @@ class HardwareOptions:
 
 
 def plan_for(
-    model: str,
+    model: str | ModelRef,
     quant: str | None = None,
     max_length: int | None = None,
     options: HardwareOptions | None = None,
     hardware: Hardware | None = None,
 ) -> Plan:
-    """The plan for MODEL (registry name, HF directory, model directory or GGUF file) on this machine.
+    """The plan for MODEL (quantize.reference: a GGUF file, a model directory, an HF checkpoint, a registry name
+    or a hub repo id) on this machine.
 
     HARDWARE replaces the probe (tests, other machines); OPTIONS are applied over it either way. A GGUF
     file is one quant: only its placement is planned. The plan's `disk` says what the run will write first
     (download, F16, the chosen quant) and where; `plan.disk.check()` refuses a run that cannot fit.
     """
-    shape = resolve_shape(model)
-    if quant is None and Path(model).is_file():
-        quant = file_quant(Path(model))
+    ref = ModelRef.parse(model)
+    shape = resolve_shape(ref)
+    if quant is None and ref.kind is Kind.GGUF:
+        quant = file_quant(ref.path)
     options = options or HardwareOptions()
     reserve = parse_size(options.reserve, "--reserve")
     hw = with_overrides(hardware or probe(), options.vram, options.ram, options.cpu, reserve)
-    entry = load_registry().get(model)
-    length = max_length_for(max_length, entry.max_length if entry else shape.max_length, shape.context)
+    model_max = ref.entry.max_length if ref.entry else shape.max_length
+    length = max_length_for(max_length, model_max, shape.context)
     measured = calibration.load(shape, hw.cores)
     speeds = measured.predict(shape) if measured else None
     p = plan(shape, hw, length, quant, options.max_quant, options.min_quant, options.prefer, speeds)
     # A GGUF file runs as it is; else the chosen quant may still need a download, a conversion and a quantization.
-    return replace(p, disk=disk.for_run(model, None if Path(model).is_file() else p.chosen.quant, shape))
+    return replace(p, disk=disk.for_run(ref, None if ref.kind is Kind.GGUF else p.chosen.quant, shape))
 
 
 __all__ = ["HardwareOptions", "Plan", "plan", "plan_for"]

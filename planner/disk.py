@@ -20,13 +20,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from planner.shapes import ModelShape, from_config, from_gguf, resolve_shape
+from planner.shapes import ModelShape, from_config, from_gguf, hub_config, resolve_shape
 from quantize.convert import conversion_stamp, is_current, made_from, output_path
 from quantize.errors import NotEnoughDisk
-from quantize.files import models_home
 from quantize.progress import size
 from quantize.quants import PREFERENCE
-from quantize.registry import ModelEntry, load_registry
+from quantize.reference import Kind, ModelRef
+from quantize.registry import ModelEntry
 from quantize.sizes import file_bytes
 from quantize.source import (
     Source,
@@ -148,38 +148,34 @@ def volume(path: Path) -> tuple[int, int]:
     return os.stat(path).st_dev, st.f_bavail * st.f_frsize
 
 
-def for_run(model: str, quant: str | None = None, shape: ModelShape | None = None) -> DiskPlan:
+def for_run(model: str | ModelRef, quant: str | None = None, shape: ModelShape | None = None) -> DiskPlan:
     """What `resolve_model(MODEL, QUANT)` will write (runner/model.py): nothing for a GGUF file or a quant
     already there; the quant for a directory holding an unquantized file; else the conversion first (and the
-    download before it for a registry name). SHAPE: the model's, if the caller has it."""
+    download before it for a registry name or a hub repo id). SHAPE: the model's, if the caller has it."""
+    ref = ModelRef.parse(model)
     quant = quant.upper() if quant else None
-    path = Path(model).expanduser()
-    if path.is_file():
-        return DiskPlan(model)
-    if path.is_dir() and not (path / "config.json").is_file():
-        return _plan(model, _from_store(path, quant), None)
-    registry = load_registry()
-    if path.is_dir():  # an HF checkpoint, converted into the models home
-        src, entry, repo, revision = resolve(str(path)), None, None, None
+    if ref.kind is Kind.GGUF:
+        return DiskPlan(ref.text)
+    if ref.kind is Kind.STORE:
+        return _plan(ref.text, _from_store(ref.path, quant), None)
+    entry, repo = ref.entry, ref.repo
+    revision = entry.revision if entry else None
+    if ref.kind is Kind.CHECKPOINT:  # converted into the models home
+        src = resolve(str(ref.path))
         if quant not in (None, "F16") and (done := made_from(src, quant)) is not None:
-            return _plan(model, [DiskItem(quant, done, done.stat().st_size, done.stat().st_size)], None)
-    elif model in registry:
-        entry = registry[model]
-        home = models_home() / model
-        if serves(on_disk(home), quant):
-            return _plan(model, _from_store(home, quant), None)
-        # Not downloaded yet: the source names the model (its file names) but has no files to stamp.
-        src, repo, revision = Source(Path(model), entry.repo, entry.revision, entry), entry.repo, entry.revision
-    else:
-        return DiskPlan(model)  # resolve_model refuses it with its own message
-    shape = shape or resolve_shape(model)
+            return _plan(ref.text, [DiskItem(quant, done, done.stat().st_size, done.stat().st_size)], None)
+    elif ref.kind is Kind.REGISTRY and serves(on_disk(ref.home), quant):
+        return _plan(ref.text, _from_store(ref.home, quant), None)
+    else:  # not downloaded yet: the source names the model (its file names) but has no files to stamp
+        src = Source(Path(ref.text), repo, revision, entry)
+    shape = shape or resolve_shape(ref)
     download, local, source = _download(src, entry, repo, revision, shape)
     f16 = output_path(src, None, "f16")
     items = [*download, *_converted(local, f16, shape, as_embedder=False)]
     if quant not in (None, "F16"):
         exact = items[len(download)].have > 0  # the F16 there is current: size the quant from its own header
         items.append(_quant(quant, quant_path(f16, quant), from_gguf(f16) if exact else shape, exact))
-    return _plan(model, items, source)
+    return _plan(ref.text, items, source)
 
 
 def for_convert(
@@ -193,26 +189,25 @@ def for_convert(
 ) -> DiskPlan:
     """What `runner convert SOURCE` will write: the download (registry names, hub repo ids) and the GGUF,
     unless the GGUF there was made from this very source with these options (POOLING, CAUSAL: as convert's)."""
-    path = Path(source).expanduser()
-    registry = load_registry()
-    if path.is_dir():
-        src = resolve(source)
-        shape = from_config(path.name, read_config(src.path))
+    ref = ModelRef.parse(source)
+    if ref.kind is Kind.CHECKPOINT:
+        src = resolve(str(ref.path))
+        shape = from_config(ref.path.name, read_config(src.path))
         entry, repo = None, None
-    elif source in registry:
+    elif ref.kind is Kind.REGISTRY:
         if pooling is not None or causal is not None:
             return DiskPlan(source)  # convert refuses the options for a registry model, naming it
-        entry = registry[source]
+        entry = ref.entry
         repo, revision = entry.repo, revision or entry.revision
-        src, shape = Source(path, repo, revision, entry), resolve_shape(source)
-    elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        entry, repo = None, source
-        config = _hub_config(repo, revision)
+        src, shape = Source(Path(source), repo, revision, entry), resolve_shape(ref)
+    elif ref.kind is Kind.HUB:
+        entry, repo = None, ref.repo
+        config = hub_config(repo, revision)
         if config is None:
             return DiskPlan(source)  # neither the hub nor the cache has it: convert says so
-        src, shape = Source(path, repo, revision), from_config(repo, config)
+        src, shape = Source(Path(source), repo, revision), from_config(repo, config)
     else:
-        return DiskPlan(source)  # convert refuses it with its own message
+        return DiskPlan(source)  # a GGUF or a directory without config.json: convert refuses it, naming it
     download, local, where = _download(src, entry, repo, revision, shape)
     target = output_path(src, outdir, outtype)
     converted = _converted(local, target, shape, as_embedder, outtype.upper(), pooling, causal)
@@ -302,16 +297,6 @@ def _checkpoint_bytes(shape: ModelShape, config: dict) -> int:
     params = sum(math.prod(t.shape) for t in shape.tensors) + shape.head_bytes // 4
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
     return params * (4 if dtype in FLOAT32_NAMES else 2)
-
-
-def _hub_config(repo: str, revision: str | None) -> dict | None:
-    """config.json of a hub repo (a few kB into the Hugging Face cache), or None when it cannot be had."""
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return read_config(Path(hf_hub_download(repo, "config.json", revision=revision)).parent)
-    except (OSError, ValueError):
-        return None
 
 
 def _plan(model: str, items: list[DiskItem], download_from: str | None, outdir: bool = False) -> DiskPlan:

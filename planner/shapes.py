@@ -14,11 +14,10 @@ import gguf
 from quantize import gguf_keys
 from quantize.architectures import for_config
 from quantize.errors import BadInput, CorruptModelFile, ModelNotFound
-from quantize.files import models_home
 from quantize.gguf_check import check_gguf
 from quantize.manifest import read_metadata
 from quantize.quants import FIDELITY
-from quantize.registry import load_registry
+from quantize.reference import Kind, ModelRef
 from quantize.sizes import TensorSpec
 from quantize.source import package_dir, read_config
 
@@ -118,28 +117,40 @@ def from_gguf(path: Path) -> ModelShape:
     )
 
 
-def resolve_shape(model: str) -> ModelShape:
-    """-m MODEL: a GGUF, a directory (of GGUFs, or an HF checkpoint: config.json is enough), a registry name."""
-    path = Path(model).expanduser()
-    if path.is_file():
-        return from_gguf(path)
-    if path.is_dir():
-        if ggufs := _ggufs(path):
-            return from_gguf(ggufs[0])
-        if (path / "config.json").is_file():
-            return from_config(path.name, read_config(path))
-        raise ModelNotFound(f"{model}: no GGUF files and no config.json here")
-    registry = load_registry()
-    if model not in registry:
-        raise ModelNotFound(f"{model}: no such file, directory or registry name; known: {', '.join(sorted(registry))}")
-    if ggufs := _ggufs(models_home() / model):
+def resolve_shape(model: str | ModelRef) -> ModelShape:
+    """-m MODEL (quantize.reference): a GGUF, a model directory of GGUFs, an HF checkpoint (config.json is
+    enough), a registry name (its GGUFs once on disk, else its package's or models.toml's shapes) or a hub repo
+    id (its config.json: from the Hugging Face cache, else a few kB from the hub)."""
+    ref = ModelRef.parse(model)
+    if ref.kind is Kind.GGUF:
+        return from_gguf(ref.path)
+    if ref.kind is Kind.CHECKPOINT:
+        return from_config(ref.path.name, read_config(ref.path))
+    if ref.kind is Kind.HUB:
+        config = hub_config(ref.text, None)
+        if config is None:
+            raise ModelNotFound(f"{ref}: no config.json in the Hugging Face cache and the hub cannot be reached")
+        return from_config(ref.text, config)
+    if ggufs := _ggufs(ref.path if ref.kind is Kind.STORE else ref.home):
         return from_gguf(ggufs[0])
-    entry = registry[model]
+    if ref.kind is Kind.STORE:
+        raise ModelNotFound(f"{ref}: no GGUF files and no config.json here")
+    entry = ref.entry
     if entry.package:
-        return from_config(model, read_config(package_dir(entry.package)))
+        return from_config(ref.text, read_config(package_dir(entry.package)))
     if entry.shape is None:
-        raise BadInput(f"{model}: models.toml has no [{model}.shape] table and nothing is on disk; convert it first")
-    return from_config(model, entry.config())
+        raise BadInput(f"{ref}: models.toml has no [{ref}.shape] table and nothing is on disk; convert it first")
+    return from_config(ref.text, entry.config())
+
+
+def hub_config(repo: str, revision: str | None) -> dict | None:
+    """config.json of a hub repo (a few kB into the Hugging Face cache), or None when it cannot be had."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return read_config(Path(hf_hub_download(repo, "config.json", revision=revision)).parent)
+    except (OSError, ValueError):
+        return None
 
 
 def _ggufs(directory: Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""Find the GGUF file behind `-m` (a GGUF, a directory, or a registry name) and the prompts that go with it."""
+"""Find the GGUF file behind `-m` (quantize.reference.ModelRef), producing it when missing, and the prompts that go
+with it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from planner import disk
+from planner.policy import Plan
 from quantize import gguf_keys
 from quantize.convert import convert, made_from
 from quantize.errors import BadInput, ModelNotFound
@@ -14,7 +17,7 @@ from quantize.gguf_check import check_gguf
 from quantize.ladder import quantize
 from quantize.progress import SILENT, Progress, size
 from quantize.quants import LADDER, PREFERENCE
-from quantize.registry import ModelEntry, load_registry
+from quantize.reference import Kind, ModelRef
 from quantize.source import resolve
 from quantize.store import base_file, on_disk, remove, serves, usable
 
@@ -67,39 +70,38 @@ class ResolvedModel:
 
 
 def resolve_model(
-    model: str, quant: str | None = None, keep_f16: bool = True, progress: Progress = SILENT
+    model: str | ModelRef,
+    quant: str | None = None,
+    keep_f16: bool = True,
+    progress: Progress | None = None,
+    plan: Plan | None = None,
 ) -> ResolvedModel:
-    """MODEL is a .gguf file, a directory of GGUFs or an HF checkpoint, or a models.toml name.
+    """MODEL (quantize.reference.ModelRef) as a checked GGUF on disk, produced first when missing.
 
-    An HF checkpoint is converted once and reused while its files are unchanged; a missing quant is made
-    from the F16 file, which is then kept (the source of every other quant) unless KEEP_F16 is False.
-    PROGRESS shows each step that runs (download, conversion, quantization); planner.disk.for_run says
-    beforehand what they will write.
+    Every front door resolves here, so none skips the disk check or the progress display: the disk plan
+    (PLAN's, else planner.disk.for_run's) refuses a run the filesystem cannot hold before its first byte, and
+    PROGRESS (default: a summary line per step on stderr, bars on a terminal; SILENT for none) shows each step
+    that runs: download, conversion, quantization. With PLAN its chosen quant is the one used (a GGUF file runs
+    as it is). An HF checkpoint is converted once and reused while its files are unchanged; a missing quant is
+    made from the F16 file, which is then kept (the source of every other quant) unless KEEP_F16 is False.
     """
-    path = Path(model).expanduser()
-    entry: ModelEntry | None = None
-    if path.is_file():
-        if quant:
-            raise BadInput(f"{model}: --quant picks a file inside a model directory; pass the directory instead")
-        gguf_path = path
-    elif path.is_dir():
-        if (path / "config.json").is_file():
-            gguf_path = _from_checkpoint(model, quant, keep_f16, progress)
-        else:
-            gguf_path = _pick(path, quant, keep_f16, progress)
-    else:
-        registry = load_registry()
-        if model not in registry:
-            raise ModelNotFound(
-                f"{model}: no such file, directory or registry name; known names: {', '.join(sorted(registry))}"
-            )
-        entry = registry[model]
-        home = models_home() / model
+    ref = ModelRef.parse(model)
+    progress = Progress.stderr() if progress is None else progress
+    if plan is not None:
+        quant = None if ref.kind is Kind.GGUF else plan.chosen.quant
+    if quant and ref.kind is Kind.GGUF:
+        raise BadInput(f"{ref}: --quant picks a file inside a model directory; pass the directory instead")
+    (plan.disk if plan is not None and plan.disk else disk.for_run(ref, quant)).check()
+    if ref.kind is Kind.GGUF:
+        gguf_path = ref.path
+    elif ref.kind is Kind.STORE:
+        gguf_path = _pick(ref.path, quant, keep_f16, progress)
+    elif ref.kind is Kind.REGISTRY and serves(on_disk(ref.home), quant):
         # What is on disk serves, unless neither the quant nor an F16 to make it from is there (--no-keep-f16).
-        if serves(on_disk(home), quant):
-            gguf_path = _pick(home, quant, keep_f16, progress)
-        else:
-            gguf_path = _from_checkpoint(model, quant, keep_f16, progress)
+        gguf_path = _pick(ref.home, quant, keep_f16, progress)
+    else:
+        gguf_path = _from_checkpoint(ref, quant, keep_f16, progress)
+    entry = ref.entry
     # Checked before anything trusts it: hyper-parameters against the tensors, prompt templates, head file name.
     meta = check_gguf(gguf_path).metadata
     prompts = Prompts(
@@ -141,8 +143,10 @@ def _pick(directory: Path, quant: str | None, keep_f16: bool = True, progress: P
     return made
 
 
-def _from_checkpoint(source: str, quant: str | None, keep_f16: bool = True, progress: Progress = SILENT) -> Path:
-    if quant and Path(source).expanduser().is_dir() and (done := made_from(resolve(source), quant)) is not None:
+def _from_checkpoint(ref: ModelRef, quant: str | None, keep_f16: bool, progress: Progress) -> Path:
+    """An HF checkpoint, a registry model or a hub repo, converted (once) into the models home."""
+    source = str(ref.path) if ref.kind is Kind.CHECKPOINT else ref.text
+    if quant and ref.kind is Kind.CHECKPOINT and (done := made_from(resolve(source), quant)) is not None:
         return done  # a local checkpoint's quant made from these very files (its F16 may be gone: --no-keep-f16)
     f16 = convert(source, progress=progress)  # reused when this source was converted before and has not changed
     return _pick(f16.parent, quant or "F16", keep_f16, progress)

@@ -13,16 +13,16 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 
-from planner import HardwareOptions, Plan, disk, plan_for
+from planner import HardwareOptions, Plan, plan_for
 from planner.batching import MIN_TOKEN_BUDGET
 from planner.policy import max_length_for
 from quantize import gguf_keys
 from quantize.errors import BadInput, CorruptModelFile
-from quantize.progress import SILENT, Progress
+from quantize.progress import Progress
+from quantize.reference import ModelRef
 from runner import compact
 from runner.engine import Engine, open_engine
 from runner.model import ResolvedModel, resolve_model
@@ -261,7 +261,7 @@ class Pipeline:
 
 
 def open_pipeline(
-    model: str,
+    model: str | ModelRef,
     quant: str | None = None,
     *,
     auto_quant: bool = False,
@@ -270,27 +270,26 @@ def open_pipeline(
     hardware: HardwareOptions | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     keep_f16: bool = True,
-    progress: Progress = SILENT,
+    progress: Progress | None = None,
 ) -> Pipeline:
-    """MODEL (GGUF file, model directory, HF checkpoint directory or registry name) loaded and ready.
+    """MODEL (quantize.reference.ModelRef: a GGUF file, a model directory, an HF checkpoint directory, a registry
+    name or a hub repo id) loaded and ready.
 
     AUTO_QUANT plans the quant and GPU layers for this machine (planner.plan_for; ON_PLAN sees the plan
     before any conversion starts) and claims the planned context up front, so a lack of memory shows (and
-    is retried with fewer GPU layers) now rather than mid-run. The GGUF is produced if missing (PROGRESS shows
-    the download, conversion and quantization; KEEP_F16 False removes the F16 once the quant is made), after
-    the plan's disk check: a run the disk cannot hold is refused before its first byte.
+    is retried with fewer GPU layers) now rather than mid-run. runner.model.resolve_model produces the GGUF
+    if missing, after the disk check (PROGRESS and KEEP_F16 are its).
     """
     if max_length is not None and max_length < 1:
         raise BadInput(f"--max-length {max_length}: must be at least 1")
+    ref = ModelRef.parse(model)
     plan, gpu_layers, split = None, 0, None
     if auto_quant:
-        plan = plan_for(model, quant, max_length, hardware or HardwareOptions())
+        plan = plan_for(ref, quant, max_length, hardware or HardwareOptions())
         if on_plan is not None:
             on_plan(plan)
         gpu_layers, split = plan.chosen.n_gpu_layers, plan.tensor_split
-        quant = None if Path(model).is_file() else plan.chosen.quant
-    (plan.disk if plan is not None and plan.disk else disk.for_run(model, quant)).check()
-    resolved = resolve_model(model, quant, keep_f16, progress)
+    resolved = resolve_model(ref, quant, keep_f16, progress, plan)
     reserve = plan.settings.max_length if plan is not None else MIN_TOKEN_BUDGET
     engine = open_engine(resolved.path, threads, gpu_layers, split, reserve)
     try:

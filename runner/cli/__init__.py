@@ -26,7 +26,7 @@ COMMANDS = {
     "plan": "runner.cli.plan:plan_cmd",
     "quantize": "runner.cli.models:quantize",
     "rm": "runner.cli.models:rm_cmd",
-    "serve": "runner.server:serve_command",
+    "serve": "runner.cli.serve:serve",
     "verify": "runner.cli.models:verify",
 }
 
@@ -57,11 +57,13 @@ class _Cli(click.Group):
         return getattr(importlib.import_module(module), attribute)
 
     def invoke(self, ctx: click.Context):
-        debug = bool(ctx.obj and ctx.obj.get("debug"))
+        def debug() -> bool:  # known once the group's own options are parsed, inside super().invoke
+            return bool(ctx.obj and ctx.obj.get("debug"))
+
         try:
             return super().invoke(ctx)
         except UserError as e:
-            if debug:
+            if debug():
                 raise
             click.echo(f"error: {one_line(e)}", err=True)
             sys.exit(1)
@@ -82,12 +84,12 @@ class _Cli(click.Group):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(141)  # 128 + SIGPIPE: what a shell reports for a tool a closed pipe stopped
         except OSError as e:  # the file system said no (permissions, a full disk): name the file
-            if debug:
+            if debug():
                 raise
             click.echo(f"error: {one_line(f'{e.filename}: ' if e.filename else '')}{e.strerror or e}", err=True)
             sys.exit(1)
         except Exception as e:
-            if debug:
+            if debug():
                 raise
             click.echo(f"error: {type(e).__name__}: {one_line(e)} (rerun with --debug for a traceback)", err=True)
             sys.exit(2)
