@@ -11,11 +11,15 @@ from planner import HardwareOptions
 from quantize.errors import BadInput
 from runner.cli.options import (
     AT_LEAST_1,
+    field_option,
     hardware_options,
     max_length_option,
     model_option,
     threads_option,
 )
+from runner.compact import PRECISIONS, RANGED
+from runner.embed_run import EmbedOptions
+from runner.io import FORMATS
 
 
 @click.command()
@@ -32,23 +36,22 @@ from runner.cli.options import (
     help="Input bytes that are not UTF-8: stop with the line number, or replace them.",
 )
 @click.option("-o", "--output", help="Output file (.npy, .jsonl or .parquet); default: JSON lines on stdout.")
-@click.option("--format", "fmt", type=click.Choice(["npy", "jsonl", "parquet"]), help="Default: from --output.")
-@click.option(
+@click.option("--format", "fmt", type=click.Choice(FORMATS), help="Default: from --output.")
+@field_option(
+    EmbedOptions,
+    "precision",
     "--precision",
     "--dtype",
-    "precision",
-    type=click.Choice(["float32", "float16", "int8", "uint8", "binary", "ubinary"]),
-    default="float32",
-    show_default=True,
+    type=click.Choice(PRECISIONS),
     help="As sentence-transformers' quantize_embeddings: int8/uint8 in 256 buckets per dimension (ranges from "
     "--ranges, --calibration or the data; saved beside the output), binary/ubinary 8 dimensions a byte.",
 )
 @click.option("--ranges", "ranges_file", help="int8/uint8: ranges saved by an earlier run (<output>.ranges.npy).")
 @click.option("--calibration", help="int8/uint8: texts (.txt/.jsonl) whose vectors give the ranges.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same --output.")
-@click.option("--query/--document", default=False, help="Apply the model's query instruction (default: document).")
+@field_option(EmbedOptions, "query", "--query/--document", help="Apply the model's query instruction, or not.")
 @click.option("--task", help="Instruction for --query (default: the model's).")
-@click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalise vectors.")
+@field_option(EmbedOptions, "normalize", "--normalize/--no-normalize", help="L2-normalise vectors.")
 @click.option(
     "--dimensions", type=AT_LEAST_1, help="Matryoshka models: keep the first N dimensions (then L2-normalise)."
 )
@@ -56,9 +59,7 @@ from runner.cli.options import (
 @click.option("--no-truncate", is_flag=True, help="An input over the max length is an error, not cut.")
 @threads_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
-@click.option(
-    "--chunk-size", type=AT_LEAST_1, default=2048, show_default=True, help="Texts per part written to disk."
-)
+@field_option(EmbedOptions, "chunk_size", type=AT_LEAST_1, help="Texts per part written to disk.")
 @click.option("--auto-quant", is_flag=True, help="Pick the quant and GPU layers for this machine (runner plan).")
 @click.option(
     "--keep-f16/--no-keep-f16",
@@ -77,37 +78,35 @@ def embed(
     errors: str,
     output: str | None,
     fmt: str | None,
-    precision: str,
     ranges_file: str | None,
     calibration: str | None,
     resume: bool,
+    no_truncate: bool,
+    max_length: int | None,
+    threads: int | None,
+    quiet: bool,
+    auto_quant: bool,
+    keep_f16: bool,
+    precision: str,
     query: bool,
     task: str | None,
     normalize: bool,
     dimensions: int | None,
-    max_length: int | None,
-    no_truncate: bool,
-    threads: int | None,
-    quiet: bool,
     chunk_size: int,
-    auto_quant: bool,
-    keep_f16: bool,
     **hw_opts,
 ) -> None:
     """Embed TEXTS (or --input) with a GGUF embedder."""
     import itertools
-    import time
-
-    from tqdm import tqdm
 
     from quantize.progress import Progress
-    from runner import compact
-    from runner.io import OutputLock, VectorSink, count_lines, output_format, read_texts, run_key
-    from runner.pipeline import Stats, open_pipeline
+    from runner.embed_run import run_embed
+    from runner.inputs import count_texts, read_texts
+    from runner.io import OutputLock, output_format
+    from runner.pipeline import open_pipeline
 
     if not texts and not input_file:
         raise BadInput("nothing to embed; pass texts as arguments or --input FILE")
-    if (ranges_file or calibration) and precision not in ("int8", "uint8"):
+    if (ranges_file or calibration) and precision not in RANGED:
         raise BadInput(f"--ranges and --calibration are for --precision int8 or uint8, not {precision}")
     if ranges_file and calibration:
         raise BadInput("--ranges or --calibration: one source of int8/uint8 ranges, not both")
@@ -116,74 +115,43 @@ def embed(
     fmt = output_format(output, fmt)
     if output:  # one run owns an output: a second one is refused now, before it loads a model (until we exit)
         click.get_current_context().with_resource(OutputLock(Path(output)))
+    options = EmbedOptions(query, task, normalize, dimensions, not no_truncate, precision, chunk_size)
     # Read lazily: the texts stream through the pipeline a chunk at a time, whatever the input's size.
     items = itertools.chain(texts, read_texts(input_file, field, errors) if input_file else ())
+    total = None if input_file == "-" else len(texts) + ((count_texts(input_file) or 0) if input_file else 0)
 
     def show_plan(p) -> None:
         if not quiet:
             click.echo(p.summary(), err=True)
 
-    pipeline = open_pipeline(
+    with open_pipeline(
         model, quant, auto_quant=auto_quant, max_length=max_length, threads=threads,
         hardware=HardwareOptions(**hw_opts), on_plan=show_plan, keep_f16=keep_f16, progress=Progress.stderr(quiet),
-    )  # fmt: skip
-    options = dict(query=query, task=task, normalize=normalize, max_length=pipeline.max_length, fmt=fmt)
-    options["dtype"] = precision
-    with pipeline:
-        dims = pipeline.check_dimensions(dimensions) or pipeline.dims  # refused before any input is read
-        options |= {"dimensions": dims} if dims != pipeline.dims else {}
-        ranges = None
-        if ranges_file:
-            ranges = compact.load_ranges(ranges_file, dims)
-        elif calibration:  # embedded like the input (prompt, normalisation, dimensions): the ranges fit its vectors
-            found = pipeline.embed(
-                list(read_texts(calibration, field, errors)), query=query, task=task, normalize=normalize,
-                dimensions=dimensions,
-            )  # fmt: skip
-            ranges = compact.ranges_of(found)
-        # Only a file output can be resumed, so only then is the model's content identity needed.
-        key = run_key(pipeline.model.path, options | {"chunk": chunk_size}) if output else ""
-        sink = VectorSink(output, fmt, precision, key, resume, ranges)
-        stats, started = Stats(), time.perf_counter()
-        total = None if input_file == "-" else len(texts) + ((count_lines(input_file) or 0) if input_file else 0)
-        show = not quiet and sys.stderr.isatty()
-        with tqdm(total=total, unit="text", file=sys.stderr, delay=1.0, disable=not show) as bar:
-            chunks = pipeline.stream(
-                items, chunk_size, run_key=key, skip=sink.done, stats=stats,
-                query=query, task=task, normalize=normalize, truncate=not no_truncate, dimensions=dimensions,
-            )  # fmt: skip
-            try:
-                for chunk in chunks:
-                    if chunk.vectors is not None:
-                        sink.write(chunk.index, chunk.digest, chunk.vectors, chunk.first)
-                    bar.update(chunk.count)
-                    rate = stats.tokens / (time.perf_counter() - started)
-                    bar.set_postfix_str(f"{rate:.0f} tokens/s", refresh=False)
-            except KeyboardInterrupt:
-                sink.abandon()
-                raise KeyboardInterrupt(sink.interrupted()) from None
-            except BaseException:
-                sink.abandon()
-                raise
-        saved = sink.finish(dims)
-    seconds = time.perf_counter() - started
-    if stats.truncated:
+    ) as pipeline:  # fmt: skip
+        run = run_embed(
+            pipeline, items, output, fmt, options, resume=resume, ranges_file=ranges_file,
+            calibration=read_texts(calibration, field, errors) if calibration else None, total=total,
+            show_progress=not quiet and sys.stderr.isatty(),
+        )  # fmt: skip
+    counts = run.counts
+    if counts.truncated:
         click.echo(
-            f"warning: truncated {stats.truncated} input(s) to {pipeline.max_length} tokens (--no-truncate to refuse)",
+            f"warning: truncated {counts.truncated} input(s) to {pipeline.max_length} tokens (--no-truncate to refuse)",
             err=True,
         )
-    if stats.texts + stats.skipped == 0:
+    if counts.texts + counts.skipped == 0:
         click.echo(f"note: {input_file} holds no texts; wrote an empty output", err=True)
     if not quiet:
-        resumed = f" ({stats.skipped} from the interrupted run)" if stats.skipped else ""
+        resumed = f" ({counts.skipped} from the interrupted run)" if counts.skipped else ""
         where = f" -> {output}" if output else ""
         plan_note = f", {pipeline.plan.chosen.quant} on {pipeline.plan.device}" if pipeline.plan else ""
         click.echo(
-            f"embedded {stats.texts} texts{resumed}, {stats.tokens} tokens in {seconds:.1f} s "
-            f"({stats.tokens / max(seconds, 1e-9):.0f} tokens/s; {pipeline.model.path.name}{plan_note}){where}",
+            f"embedded {counts.texts} texts{resumed}, {counts.tokens} tokens in {run.seconds:.1f} s "
+            f"({counts.tokens / max(run.seconds, 1e-9):.0f} tokens/s; {pipeline.model.path.name}{plan_note}){where}",
             err=True,
         )
-    if saved is not None:  # said even with -q: without these ranges, queries cannot be quantized alike
+    if run.ranges_saved is not None:  # said even with -q: without these ranges, queries cannot be quantized alike
+        saved = run.ranges_saved
         click.echo(f"{precision} ranges saved to {saved}; quantize queries alike with --ranges {saved}", err=True)
 
 

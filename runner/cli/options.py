@@ -1,6 +1,6 @@
 """Options shared by several commands, built once. A default lives in its dataclass (planner.HardwareOptions,
-runner.embed_run.EmbedOptions, the server's limits) and the option reads it from there; ranges are the
-option's type (click.IntRange), so a bad value is refused while parsing, in one line naming the option."""
+runner.embed_run.EmbedOptions, runner.serve.Limits) and the option reads it from there (`field_option`); ranges
+are the option's type (click.IntRange), so a bad value is refused while parsing, in one line naming the option."""
 
 from __future__ import annotations
 
@@ -20,20 +20,26 @@ AT_LEAST_1 = click.IntRange(min=1)
 
 def default(cls: type, name: str) -> Any:
     """The default dataclass CLS gives its field NAME: the one place that default is written."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            if f.default is dataclasses.MISSING:
-                raise TypeError(f"{cls.__name__}.{name} has no default")
-            return f.default
-    raise TypeError(f"{cls.__name__} has no field {name}")
+    value = _field(cls, name).default
+    if value is dataclasses.MISSING:
+        raise TypeError(f"{cls.__name__}.{name} has no default")
+    return value
 
 
 def field_option(cls: type, name: str, *decls: str, **kwargs: Any) -> Callable[[F], F]:
     """A click option for field NAME of dataclass CLS (default `--name-with-dashes`), defaulting to the field's
-    default and showing it in --help."""
+    default (shown in --help), with the field's `help` metadata as its help unless KWARGS give one."""
+    kwargs.setdefault("help", _field(cls, name).metadata.get("help"))
     return click.option(
         *(decls or (f"--{name.replace('_', '-')}",)), default=default(cls, name), show_default=True, **kwargs
     )
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f
+    raise TypeError(f"{cls.__name__} has no field {name}")
 
 
 def apply(options: list[Callable[[F], F]], f: F) -> F:

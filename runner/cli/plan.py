@@ -14,9 +14,7 @@ from runner.cli.options import AT_LEAST_1, hardware_options, model_option
 @click.command(name="plan")
 @model_option
 @click.option("--quant", help="Plan this quant only (it always wins).")
-@click.option(
-    "--max-length", type=AT_LEAST_1, help="Longest sequence to hold (default: the model's, capped at 8192)."
-)
+@click.option("--max-length", type=AT_LEAST_1, help="Longest sequence to hold (default: the model's, capped at 8192).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
 @hardware_options
 def plan_cmd(model: str, quant: str | None, max_length: int | None, as_json: bool, **hw_opts) -> None:
