@@ -22,6 +22,7 @@ from quantize.files import models_home, orphaned
 from quantize.manifest import MANIFEST, entries, forget, plain_name, read_metadata
 from quantize.manifest import verify as verify_directory
 from quantize.quants import PREFERENCE, UNQUANTIZED
+from quantize.reference import Kind, ModelRef
 
 log = logging.getLogger("runner")
 
@@ -198,11 +199,11 @@ def verify(model: str | None, home: Path | None = None) -> list[tuple[Path, str 
     home = home or models_home()
     if model is None:
         return [r for m in sorted(home.glob(f"*/{MANIFEST}")) for r in verify_directory(m.parent)]
-    path = Path(model).expanduser()
-    if path.is_file():
-        path = path.resolve()
+    ref = ModelRef.parse(model)
+    if ref.kind is Kind.GGUF:
+        path = ref.path.resolve()
         return verify_directory(path.parent, only=path.name)
-    directory = path if path.is_dir() else home / model if plain_name(model) else path
+    directory = ref.path or home / model  # a model directory, or a name in the models home (a registry name's)
     if not os.path.lexists(directory / MANIFEST):
         raise BadInput(f"{model}: no {MANIFEST} there to check against (no such file, directory or model on disk)")
     return verify_directory(directory)

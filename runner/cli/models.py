@@ -95,8 +95,8 @@ def models(prune: bool) -> None:
     from quantize.files import models_home
     from quantize.progress import size
     from quantize.registry import load_registry
+    from quantize.store import on_disk
     from quantize.store import prune as run_prune
-    from runner.model import on_disk
 
     if prune:
         removed = run_prune(models_home())
@@ -152,6 +152,7 @@ def verify(model: str | None) -> None:
     MODEL: a GGUF file, a model directory or a registry name; default: every model under the models home.
     Exits 1 when a file is missing or differs from its record.
     """
+    from quantize.reference import Kind, ModelRef
     from quantize.store import verify as run_verify
 
     results = run_verify(model)
@@ -166,5 +167,5 @@ def verify(model: str | None) -> None:
             bad += 1
             click.echo(f"BAD  {file}: {problem}")
     click.echo(f"{len(results) - bad - unrecorded} ok, {bad} bad, {unrecorded} not recorded", err=True)
-    if bad or (model is not None and Path(model).expanduser().is_file() and unrecorded):
+    if bad or (model is not None and ModelRef.parse(model).kind is Kind.GGUF and unrecorded):
         sys.exit(1)
