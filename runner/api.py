@@ -20,7 +20,9 @@ from runner.pipeline import Pipeline, open_pipeline
 
 
 class Embedder:
-    """A GGUF embedder: a .gguf file, a model directory, or a models.toml name.
+    """A GGUF embedder, MODEL as `runner embed -m` takes it (quantize.reference.ModelRef): a .gguf file, a model
+    directory, an HF checkpoint directory, a models.toml name or a hub repo id. A model not on disk yet is
+    downloaded, converted and quantized first, after the disk check, saying each step on stderr.
 
     quant picks a file of a model directory or name (default: the highest fidelity on disk); "auto" plans
     for this machine like `runner embed --auto-quant` (quant, GPU layers; produced if not on disk), with
