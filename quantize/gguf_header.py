@@ -3,7 +3,9 @@
 gguf.GGUFReader builds numpy views for every element of every array, which for a Llama-3 vocabulary
 (128k tokens, 280k merges) peaks at over 1 GB of RAM — more than a small model needs to run. This walks
 the same format (GGUF v2/v3: little-endian, length-prefixed strings) and keeps only what the runner and
-planner read: scalars and strings, each array's length, and each tensor's name, shape and type.
+planner read: scalars and strings, each array's length, and each tensor's name, shape and type; and where
+each metadata entry lies in the file, so tests/synth.py copies a file with a few entries changed. It is the
+one raw GGUF reader of the project.
 
 The file may come from anyone, so every count and length is checked against the bytes the file has
 before anything is read or allocated: a corrupt header is a ValueError saying what is wrong, never a
@@ -43,6 +45,9 @@ class Header:
     distinct_tokens: int = 0
     byte_tokens: int = 0
     token_types: dict[int, int] = field(default_factory=dict)  # how many tokens of each tokenizer.ggml.token_type
+    # Each metadata entry's bytes in the file (key, type and value), as [start, end): enough to copy a file
+    # with a few entries changed without decoding the vocabulary.
+    entry_spans: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class _Cursor:
@@ -117,7 +122,9 @@ def read_header(path: Path) -> Header:
         types: dict[str, int] = {}
         distinct = byte_tokens = 0
         token_types: dict[int, int] = {}
+        spans: dict[str, tuple[int, int]] = {}
         for _ in range(n_kv):
+            start = c.tell()
             key = c.string("a metadata key")
             if key in metadata or key in lengths:
                 raise ValueError(f"metadata key {key!r:.80} appears twice")
@@ -149,6 +156,7 @@ def read_header(path: Path) -> Header:
                 metadata[key] = c.unpack(_SCALARS[vtype])
             else:
                 raise ValueError(f"unknown value type {vtype} for {key!r:.80}")
+            spans[key] = (start, c.tell())
         c.count(n_tensors, 8 + 4 + 4 + 8, "tensors")  # name length, n_dims, type, offset
         tensors, offsets = [], []
         for _ in range(n_tensors):
@@ -171,4 +179,6 @@ def read_header(path: Path) -> Header:
             # ggml asserts tensor data is 32-byte aligned in memory: a smaller alignment aborts the load
             raise ValueError(f"general.alignment {alignment} is not a power of two of at least {TENSOR_ALIGNMENT}")
         data_offset = -(-c.tell() // alignment) * alignment
-    return Header(metadata, lengths, tensors, data_offset, types, offsets, c.size, distinct, byte_tokens, token_types)
+    return Header(
+        metadata, lengths, tensors, data_offset, types, offsets, c.size, distinct, byte_tokens, token_types, spans
+    )
