@@ -3,6 +3,7 @@ and `runner embed` a thin shell over runner.embed_run.run_embed."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from planner import HardwareOptions
+from runner.distributed import embed_dataset
 from runner.embed_run import EmbedOptions
 from tests.conftest import run_cli
 from tests.test_errors import assert_one_line_error
@@ -55,7 +57,11 @@ def test_defaults_are_the_dataclasses() -> None:
     embed, plan = defaults("embed"), defaults("plan")
     assert embed["chunk_size"] == EmbedOptions.chunk_size and embed["precision"] == EmbedOptions.precision
     assert embed["normalize"] is EmbedOptions.normalize and embed["query"] is EmbedOptions.query
-    for d in (embed, plan, defaults("embed-dataset")):
+    dataset = defaults("embed-dataset")
+    for name, value in inspect.signature(embed_dataset).parameters.items():
+        if name in dataset and value.default not in (None, inspect.Parameter.empty):
+            assert dataset[name] == value.default, name
+    for d in (embed, plan, dataset):
         assert d["reserve"] == HardwareOptions.reserve and d["prefer"] == HardwareOptions.prefer
 
 

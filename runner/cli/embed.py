@@ -18,6 +18,7 @@ from runner.cli.options import (
     threads_option,
 )
 from runner.compact import PRECISIONS, RANGED
+from runner.distributed import embed_dataset
 from runner.embed_run import EmbedOptions
 from runner.io import FORMATS
 
@@ -159,16 +160,14 @@ def embed(
 @click.argument("inputs", nargs=-1, required=True)
 @click.argument("output_dir")
 @model_option
-@click.option(
-    "--quant", default="auto", show_default=True, help="A quant, or auto (planned; see the hardware options)."
-)
+@field_option(embed_dataset, "quant", help="A quant, or auto (planned; see the hardware options).")
 @click.option("--address", help="Ray cluster: auto (a running one), ray://HOST:PORT, or local (default: local).")
-@click.option("--workers", type=click.IntRange(1), default=1, show_default=True, help="Ray actors, one model each.")
-@click.option("--gpus-per-worker", type=click.FloatRange(0), default=0, show_default=True, help="0: CPU workers.")
-@click.option("--column", default="text", show_default=True, help="Text column (parquet) or field (jsonl).")
+@field_option(embed_dataset, "workers", type=AT_LEAST_1, help="Ray actors, one model each.")
+@field_option(embed_dataset, "gpus_per_worker", type=click.FloatRange(0), help="0: CPU workers.")
+@field_option(embed_dataset, "column", help="Text column (parquet) or field (jsonl).")
 @click.option("--id-column", help="Column/field holding each row's id (default: the row's number in the input).")
-@click.option("--shard-rows", type=click.IntRange(1), default=10_000, show_default=True, help="Rows per output shard.")
-@click.option("--query/--document", default=False, help="Apply the model's query instruction (default: document).")
+@field_option(embed_dataset, "shard_rows", type=AT_LEAST_1, help="Rows per output shard.")
+@field_option(embed_dataset, "query", "--query/--document", help="Apply the model's query instruction, or not.")
 @click.option("--task", help="Instruction for --query (default: the model's).")
 @max_length_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
@@ -196,7 +195,6 @@ def embed_dataset_cmd(
         import ray  # noqa: F401
     except ImportError:
         raise BadInput("runner embed-dataset needs Ray Data: pip install 'llm-embed-runner[ray]'") from None
-    from runner.distributed import embed_dataset
 
     s = embed_dataset(
         list(inputs), output_dir, model, quant, address=address, workers=workers, gpus_per_worker=gpus_per_worker,

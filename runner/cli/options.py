@@ -1,10 +1,12 @@
 """Options shared by several commands, built once. A default lives in its dataclass (planner.HardwareOptions,
-runner.embed_run.EmbedOptions, runner.serve.Limits) and the option reads it from there (`field_option`); ranges
+runner.embed_run.EmbedOptions, runner.serve.Limits) or in the signature of the function a command calls, and the
+option reads it from there (`field_option`); ranges
 are the option's type (click.IntRange), so a bad value is refused while parsing, in one line naming the option."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -18,24 +20,30 @@ F = TypeVar("F", bound=Callable[..., Any])
 AT_LEAST_1 = click.IntRange(min=1)
 
 
-def default(cls: type, name: str) -> Any:
-    """The default dataclass CLS gives its field NAME: the one place that default is written."""
-    value = _field(cls, name).default
-    if value is dataclasses.MISSING:
-        raise TypeError(f"{cls.__name__}.{name} has no default")
+def default(owner: Callable[..., Any], name: str) -> Any:
+    """The default OWNER (a dataclass, or a function) gives its field or parameter NAME: the one place that
+    default is written."""
+    if dataclasses.is_dataclass(owner):
+        value = _field(owner, name).default
+    else:
+        value = inspect.signature(owner).parameters[name].default
+    if value in (dataclasses.MISSING, inspect.Parameter.empty):
+        raise TypeError(f"{owner.__name__}: {name} has no default")
     return value
 
 
-def field_option(cls: type, name: str, *decls: str, **kwargs: Any) -> Callable[[F], F]:
-    """A click option for field NAME of dataclass CLS (default `--name-with-dashes`), defaulting to the field's
-    default (shown in --help), with the field's `help` metadata as its help unless KWARGS give one."""
-    kwargs.setdefault("help", _field(cls, name).metadata.get("help"))
+def field_option(owner: Callable[..., Any], name: str, *decls: str, **kwargs: Any) -> Callable[[F], F]:
+    """A click option for field or parameter NAME of OWNER (a dataclass, or the function the command calls;
+    declared `--name-with-dashes` unless DECLS say otherwise), defaulting to OWNER's default (shown in --help),
+    with a dataclass field's `help` metadata as its help unless KWARGS give one."""
+    if dataclasses.is_dataclass(owner):
+        kwargs.setdefault("help", _field(owner, name).metadata.get("help"))
     return click.option(
-        *(decls or (f"--{name.replace('_', '-')}",)), default=default(cls, name), show_default=True, **kwargs
+        *(decls or (f"--{name.replace('_', '-')}",)), default=default(owner, name), show_default=True, **kwargs
     )
 
 
-def _field(cls: type, name: str) -> dataclasses.Field:
+def _field(cls: Callable[..., Any], name: str) -> dataclasses.Field:
     for f in dataclasses.fields(cls):
         if f.name == name:
             return f
