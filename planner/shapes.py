@@ -129,7 +129,10 @@ def resolve_shape(model: str | ModelRef) -> ModelShape:
     if ref.kind is Kind.HUB:
         config = hub_config(ref.text, None)
         if config is None:
-            raise ModelNotFound(f"{ref}: no config.json in the Hugging Face cache and the hub cannot be reached")
+            raise ModelNotFound(
+                f"{ref}: no config.json from the hub nor the Hugging Face cache (no such repo, a gated one: "
+                "`hf auth login`, or offline: HF_HUB_OFFLINE, no network); or pass a local directory"
+            )
         return from_config(ref.text, config)
     if ggufs := _ggufs(ref.path if ref.kind is Kind.STORE else ref.home):
         return from_gguf(ggufs[0])

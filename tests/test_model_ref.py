@@ -119,3 +119,14 @@ def test_resolution_itself_checks_the_disk(small_disk) -> None:
 def test_plan_for_reads_a_gguf_file_through_the_same_reference(minilm) -> None:
     plan = plan_for(str(minilm), options=HardwareOptions(cpu=True, ram="16GiB"))
     assert plan.chosen.quant == "F16" and plan.reason == "F16 was asked for" and plan.disk.needs == 0
+
+
+def test_a_hub_repo_id_that_cannot_be_had_is_one_line(tmp_path) -> None:
+    from tests.test_errors import assert_one_line_error
+
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "EMBEDRUNNER_HOME": str(tmp_path / "home")}
+    for command in (["plan", "-m", "someone/some-embedder", "--cpu"], ["embed", "-m", "someone/some-embedder", "hi"]):
+        proc = run_cli(*command, env=env, check=False)
+        assert proc.returncode == 1
+        assert_one_line_error(proc, "someone/some-embedder: no config.json from the hub nor the Hugging Face cache")
+    assert not (tmp_path / "home").exists()
