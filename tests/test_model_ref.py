@@ -130,3 +130,27 @@ def test_a_hub_repo_id_that_cannot_be_had_is_one_line(tmp_path) -> None:
         assert proc.returncode == 1
         assert_one_line_error(proc, "someone/some-embedder: no config.json from the hub nor the Hugging Face cache")
     assert not (tmp_path / "home").exists()
+
+
+def test_a_hub_repo_id_runs_from_the_hugging_face_cache(minilm, tmp_path) -> None:
+    """-m owner/name plans (nothing to download: it is cached), converts once into the models home and embeds
+    as the same weights do under their registry name."""
+    from quantize.source import package_dir, source_files
+
+    snapshot = package_dir(ModelRef.parse("all-minilm-l6-v2").entry.package)
+    repo = tmp_path / "hf" / "hub" / "models--someone--minilm"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for f in source_files(snapshot):
+        (repo / "snapshots" / commit / f.relative_to(snapshot)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, repo / "snapshots" / commit / f.relative_to(snapshot))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "EMBEDRUNNER_HOME": str(tmp_path / "home")}
+
+    plan = json.loads(run_cli("plan", "-m", "someone/minilm", *CPU_16G, "--json", env=env).stdout)["disk"]
+    assert plan["download_from"] == "Hugging Face cache" and plan["items"][0]["needs_bytes"] == 0
+    assert plan["items"][1]["path"] == str(tmp_path / "home" / "minilm" / "minilm-F16.gguf")
+    hub = run_cli("embed", "-m", "someone/minilm", "hello", env=env)
+    assert (tmp_path / "home" / "minilm" / "minilm-F16.gguf").is_file() and "convert: minilm-F16.gguf" in hub.stderr
+    direct = run_cli("embed", "-m", str(minilm), "hello")
+    np.testing.assert_allclose(json.loads(hub.stdout)["embedding"], json.loads(direct.stdout)["embedding"], atol=1e-6)
