@@ -140,7 +140,8 @@ def quantize(vectors: np.ndarray, precision: str, ranges: np.ndarray | None = No
     if precision in ("float32", "float16"):
         return np.ascontiguousarray(vectors, dtype=DTYPES[precision])
     if precision in RANGED:
-        ranges = (ranges_of(vectors) if ranges is None else ranges).astype(np.float32, copy=False)
+        where = f"precision {precision}"
+        ranges = ranges_of(vectors) if ranges is None else check_ranges(ranges, vectors.shape[-1], where)
         starts = ranges[0]
         steps = (ranges[1] - starts) / 255
         steps = np.where(steps == 0, 1, steps)  # a constant dimension: every value in bucket 0
@@ -157,14 +158,20 @@ def ranges_path(output: Path) -> Path:
     return output.with_name(output.name + ".ranges.npy")
 
 
-def load_ranges(path: str | Path, dims: int) -> np.ndarray:
-    """Ranges saved by an earlier run (or by hand: a (2, DIMS) array of minima over maxima), checked."""
-    try:
-        ranges = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise BadInput(f"{path}: not a ranges .npy file ({e})") from None
-    if ranges.shape != (2, dims) or not np.issubdtype(ranges.dtype, np.floating) or not np.isfinite(ranges).all():
-        raise BadInput(f"{path}: ranges must be a finite (2, {dims}) float array (minima, maxima); got {ranges.shape}")
-    if (ranges[0] > ranges[1]).any():
-        raise BadInput(f"{path}: some minima (row 0) exceed their maxima (row 1)")
-    return ranges.astype(np.float32)
+def check_ranges(ranges: object, dims: int, where: object) -> np.ndarray:
+    """RANGES as a (2, DIMS) float32 array of minima over maxima, or a BadInput naming WHERE they came from.
+
+    Every value finite and within float32's range (1e300 would become inf, and every code 0), no minimum above
+    its maximum, the shape exact (a (2, 1) array would broadcast over every dimension without a word).
+    """
+    array = np.asarray(ranges)
+    if array.shape != (2, dims) or not np.issubdtype(array.dtype, np.floating):
+        raise BadInput(
+            f"{where}: ranges must be a (2, {dims}) float array (row 0 the minima, row 1 the maxima), "
+            f"not {array.dtype} {array.shape}; `runner.compact.ranges_of(vectors)` makes one"
+        )
+    if not (np.isfinite(array) & (np.abs(array) <= np.finfo(np.float32).max)).all():
+        raise BadInput(f"{where}: ranges must be finite float32 values; some are NaN, infinite or beyond 3.4e38")
+    if (array[0] > array[1]).any():
+        raise BadInput(f"{where}: some minima (row 0) exceed their maxima (row 1)")
+    return array.astype(np.float32)

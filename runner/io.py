@@ -16,11 +16,14 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
+import stat
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO, TextIO
 
 import numpy as np
 
@@ -30,6 +33,7 @@ from quantize.manifest import content_sha256
 from runner import compact
 
 FORMATS = ("npy", "jsonl", "parquet")
+log = logging.getLogger("runner")
 
 
 def read_texts(path: str, field: str = "text", errors: str = "strict") -> Iterator[str]:
@@ -87,13 +91,45 @@ def _parse_lines(lines: Iterable[bytes], name: str, jsonl: bool, field: str, err
 
 
 def output_format(path: str | None, fmt: str | None) -> str:
+    """FMT, else -o PATH's extension; jsonl for stdout and for a stream (/dev/stdout, a FIFO), which takes
+    nothing else: npy and parquet are written whole beside the output and renamed into place."""
+    suffix = Path(path).suffix.lower().lstrip(".") if path else ""
+    fmt = fmt or (suffix if suffix in FORMATS else None)
+    if path is not None and is_stream(Path(path)):
+        if fmt not in (None, "jsonl"):
+            raise BadInput(
+                f"{path}: a stream (character device or FIFO), and {fmt} is written whole and renamed into place: "
+                "-o a file, or --format jsonl to stream into it"
+            )
+        return "jsonl"
     if fmt:
         return fmt
-    if path and Path(path).suffix.lower().lstrip(".") in FORMATS:
-        return Path(path).suffix.lower().lstrip(".")
     if path:
         raise BadInput(f"{path}: cannot tell the format from the extension; pass --format npy or jsonl")
     return "jsonl"
+
+
+def is_stream(output: Path) -> bool:
+    """-o OUTPUT is a stream, written through as vectors come, like `> OUTPUT`: a character device or a FIFO
+    (/dev/stdout, /dev/null, a named pipe, or a link to one). Otherwise it is a file (missing or regular), written
+    beside it and renamed into place. Anything else is refused: a link to a file (the rename would replace the
+    link, never write its target), a directory, a block device, a socket."""
+    try:
+        mode: int | None = os.stat(output).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise BadInput(f"{output}: cannot write it ({e.strerror})") from None
+    if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        return True
+    if output.is_symlink():
+        raise BadInput(
+            f"{output}: a link to {os.readlink(output)}; outputs are written beside their name and renamed into "
+            "place, which would replace the link: -o the file it points to, or remove the link"
+        )
+    if mode is not None and not stat.S_ISREG(mode):
+        raise BadInput(f"{output}: not a regular file (a directory, block device or socket); choose another -o")
+    return False
 
 
 class OutputLock:
@@ -101,27 +137,33 @@ class OutputLock:
 
     An flock, so the kernel drops it when its holder dies, however it dies: a crashed run's lock is never stale
     and nothing has to guess from PIDs. The holder writes its PID into the file, to be named to a refused run.
+    The lock is opened without following a link (a link there would make the PID write truncate its target);
+    a stream output (/dev/stdout) has no lock: nothing is assembled into it.
     """
 
-    def __init__(self, output: Path) -> None:
-        self.output = output
+    def __init__(self, output: Path, option: str = "-o") -> None:
+        """OPTION: what the refused run changes to write elsewhere, for its message."""
+        self.output, self.option = output, option
         self.path = output.with_name(output.name + ".lock")
         self.fd: int | None = None
 
     def __enter__(self) -> OutputLock:
+        if is_stream(self.output):
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
                 os.close(fd)
                 raise BadInput(
-                    f"{self.output}: another run (PID {holder}) is writing it; wait for it to end or choose another -o"
+                    f"{self.output}: another run (PID {holder}) is writing it; wait for it to end or choose another "
+                    f"{self.option}"
                 ) from None
             try:  # a holder that ended removed the file between our open and our lock: lock the new file instead
-                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                if os.fstat(fd).st_ino == os.lstat(self.path).st_ino:
                     break
             except FileNotFoundError:
                 pass
@@ -131,6 +173,18 @@ class OutputLock:
         self.fd = fd
         return self
 
+    def _open(self) -> int:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise BadInput(f"{self.path}: a link where the output's lock goes; remove it") from None
+            raise BadInput(f"{self.path}: cannot create the output's lock ({e.strerror})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise BadInput(f"{self.path}: not a regular file where the output's lock goes; remove it")
+        return fd
+
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
             self.path.unlink(missing_ok=True)  # still holding it, so no other run can have it
@@ -139,32 +193,48 @@ class OutputLock:
 
 
 class VectorSink:
-    """Where a run's vectors go: stdout (JSON lines as they come) or OUTPUT, assembled from chunk parts."""
+    """Where a run's vectors go: stdout or a stream (JSON lines as they come), or OUTPUT, assembled from parts."""
 
     def __init__(
-        self, path: str | None, fmt: str, dtype: str, run_key: str, resume: bool, ranges: np.ndarray | None = None
+        self,
+        path: str | None,
+        fmt: str,
+        dtype: str,
+        run_key: str,
+        resume: bool,
+        ranges: np.ndarray | None = None,
+        *,
+        dims: int,
     ) -> None:
-        """DTYPE: a precision (runner/compact.py); int8/uint8 with RANGES, else with ranges from all the vectors."""
+        """DTYPE: a precision (runner/compact.py); int8/uint8 with RANGES, else with ranges from all the vectors.
+        DIMS: the width of every vector (and of every part an interrupted run left)."""
         if fmt == "parquet":
             _pyarrow()
-        if path is None and fmt != "jsonl":
+        stream = path is None or is_stream(Path(path))
+        if stream and fmt != "jsonl":
             raise BadInput(f"--format {fmt} needs --output FILE (binary output is not written to a terminal)")
-        self.precision, self.ranges = compact.check_precision(dtype), ranges
-        if path is None and dtype in compact.RANGED and ranges is None:
+        self.precision, self.ranges, self.dims = compact.check_precision(dtype), ranges, dims
+        if stream and dtype in compact.RANGED and ranges is None:
             raise BadInput(
-                f"--precision {dtype} to stdout needs --ranges or --calibration: ranges from the data itself are "
-                "known only once every vector is, and would be lost with no file to save them beside"
+                f"--precision {dtype} to {path or 'stdout'} needs --ranges or --calibration: ranges from the data "
+                "itself are known only once every vector is, and would be lost with no file to save them beside"
             )
-        self.path = Path(path) if path else None
         # The parts' dtype: int8/uint8/binary are made at the end, once every vector's range is known.
-        self.fmt, self.dtype = fmt, np.float16 if dtype == "float16" else np.float32
-        self.parts = self.path.with_name(self.path.name + ".parts") if self.path else None
+        self.fmt, self.dtype = fmt, np.dtype(np.float16 if dtype == "float16" else np.float32)
         self.written: list[Path] = []
-        self.printed = 0  # vectors sent to stdout
-        if self.parts is None:
+        self.printed = 0  # vectors sent to the stream
+        self.path: Path | None = None
+        self.parts: Path | None = None
+        self.stream: TextIO | None = None
+        if stream:
+            self.stream = sys.stdout if path is None else _open_stream(Path(path))
             return
+        self.path = Path(path)
+        self.parts = self.path.with_name(self.path.name + ".parts")
+        if self.parts.is_symlink() or (self.parts.exists() and not self.parts.is_dir()):
+            raise BadInput(f"{self.parts}: not a folder of parts (a link or a file) where one goes; remove it")
         run = self.parts / "run.json"
-        if resume and run.is_file():
+        if resume and run.is_file() and not run.is_symlink():
             try:
                 same = json.loads(run.read_text()).get("run") == run_key
             except (ValueError, AttributeError):
@@ -200,7 +270,11 @@ class VectorSink:
         parts are written, so a signal between a part's rename and the count cannot make it wrong."""
         if self.parts is None or not self.parts.is_dir():
             return 0
-        return sum(len(np.load(p, mmap_mode="r")) for p in self.parts.glob("*.npy"))
+        total = 0
+        for p in self.parts.glob("*.npy"):
+            with contextlib.suppress(OSError, ValueError):  # a damaged part saves nothing: it is embedded again
+                total += self._rows(p)
+        return total
 
     def interrupted(self) -> str:
         """What an interrupted run leaves, for the line it ends with."""
@@ -210,30 +284,58 @@ class VectorSink:
             return "nothing was written"
         return f"{saved} texts are safely on disk in {self.parts}; the same command with --resume continues"
 
-    def done(self, chunk: int, digest: str) -> bool:
-        """Whether an interrupted run left CHUNK for the same texts (DIGEST); a part for other texts is an error."""
+    def done(self, chunk: int, digest: str, count: int) -> bool:
+        """Whether an interrupted run left CHUNK, the COUNT texts that end with DIGEST, whole. A part for other
+        texts is an error; a damaged one (another shape or dtype, cut short, not a plain file) is removed, with
+        a warning, and its texts are embedded again."""
         if self.parts is None:
             return False
         found = sorted(self.parts.glob(f"{chunk:06d}-*.npy"))
         if not found:
             return False
-        if found[0] != self._part(chunk, digest):
+        part = self._part(chunk, digest)
+        if found[0] != part:
             raise BadInput(
                 f"{self.parts}: left by a run with other inputs (they differ by text {chunk} of the chunks); "
                 "delete it or run without --resume"
             )
-        self.written.append(found[0])
+        try:
+            rows = self._rows(part)
+            if rows != count:
+                raise ValueError(f"{rows} vectors, not the {count} of its texts")
+        except (OSError, ValueError) as e:
+            log.warning("%s: damaged (%s); embedding its %d texts again", part, e, count)
+            with self._writing(part, None):
+                part.unlink()
+            return False
+        self.written.append(part)
         return True
+
+    def _rows(self, part: Path) -> int:
+        """The vectors in PART, once it is known to be whole: a regular file holding a (rows, dims) array of the
+        run's dtype, every byte its header promises there. ValueError (or OSError) says what is wrong."""
+        fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(fd).st_size
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a regular file")
+            shape, fortran, dtype = read_npy_header(f)
+            if fortran or dtype != self.dtype or len(shape) != 2 or shape[1] != self.dims:
+                raise ValueError(f"a {dtype} {shape} array, not {self.dims}-wide {self.dtype} vectors")
+            if size != f.tell() + shape[0] * self.dims * dtype.itemsize:
+                raise ValueError(f"{size} bytes, not the {f.tell() + shape[0] * self.dims * dtype.itemsize} "
+                                 "its header promises")  # fmt: skip
+        return shape[0]
 
     def _part(self, chunk: int, digest: str) -> Path:
         assert self.parts is not None
         return self.parts / f"{chunk:06d}-{digest[:16]}.npy"
 
     def write(self, chunk: int, digest: str, vectors: np.ndarray, first: int) -> None:
-        if self.parts is None:
+        if self.stream is not None:
             for i, v in enumerate(compact.quantize(vectors, self.precision, self.ranges), first):
-                sys.stdout.write(json.dumps({"id": i, "embedding": _json_row(v)}) + "\n")
-            sys.stdout.flush()
+                self.stream.write(json.dumps({"id": i, "embedding": _json_row(v)}) + "\n")
+            self.stream.flush()
             self.printed += len(vectors)
             return
         part = self._part(chunk, digest)
@@ -247,12 +349,18 @@ class VectorSink:
 
     def abandon(self) -> None:
         """After a failed run: drop the parts folder if this run left no vectors in it (nothing to resume)."""
+        self._close_stream()
         if self.parts is not None and not any(self.parts.glob("*.npy")):
             shutil.rmtree(self.parts, ignore_errors=True)
 
-    def finish(self, dims: int) -> Path | None:
+    def _close_stream(self) -> None:
+        if self.stream is not None and self.stream is not sys.stdout:
+            self.stream.close()
+
+    def finish(self) -> Path | None:
         """Assemble OUTPUT from this run's parts, in order and in the run's precision (atomically), then remove
         them. Returns where int8/uint8 ranges were saved (beside OUTPUT, for quantizing queries alike)."""
+        self._close_stream()
         if self.path is None or self.parts is None:
             return None
         parts = [np.load(p, mmap_mode="r") for p in self.written]
@@ -270,7 +378,7 @@ class VectorSink:
                 with open(tmp, "wb") as f:
                     np.save(f, ranges)
         rows = (compact.quantize(np.asarray(p), precision, ranges) for p in parts)
-        out_dtype, dims = compact.DTYPES[precision], compact.width(precision, dims)
+        out_dtype, dims = compact.DTYPES[precision], compact.width(precision, self.dims)
         header = _npy_header((n, dims), out_dtype)
         nbytes = len(header) + n * dims * np.dtype(out_dtype).itemsize
         with self._writing(self.path, nbytes if self.fmt == "npy" else None), atomic_path(self.path) as tmp:
@@ -307,6 +415,52 @@ def _npy_header(shape: tuple[int, ...], dtype: type) -> bytes:
     d = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
     np.lib.format.write_array_header_1_0(buf, d)
     return buf.getvalue()
+
+
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def read_npy_header(f: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) from the .npy header at F's position, leaving F at the data; ValueError for
+    anything that is not a .npy header np.save writes (an .npz, a pickle, format 3.0)."""
+    version = np.lib.format.read_magic(f)
+    if version not in _HEADER_READERS:
+        raise ValueError(f".npy format version {version} is not one this reads")
+    return _HEADER_READERS[version](f)
+
+
+def load_ranges(path: str | Path, dims: int) -> np.ndarray:
+    """int8/uint8 ranges saved by an earlier run (or by hand: a .npy of a (2, DIMS) float32 or float64 array of
+    minima over maxima), checked by `compact.check_ranges`; the header is checked before any data is read, so a
+    file claiming a huge shape costs nothing."""
+    try:
+        with open(path, "rb") as f:
+            shape, fortran, dtype = read_npy_header(f)
+            if shape != (2, dims) or dtype.kind != "f" or dtype.itemsize not in (4, 8):
+                raise BadInput(
+                    f"{path}: ranges must be a (2, {dims}) float32 or float64 array (row 0 the minima, row 1 the "
+                    f"maxima), not {dtype} {shape}; use the <output>.ranges.npy a run saved"
+                )
+            data = f.read(2 * dims * dtype.itemsize + 1)
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) else e
+        raise BadInput(f"{path}: not a ranges .npy file ({reason}); use the <output>.ranges.npy a run saved") from None
+    if len(data) != 2 * dims * dtype.itemsize:
+        raise BadInput(f"{path}: {len(data)} bytes of ranges, not the {2 * dims * dtype.itemsize} its header says")
+    return compact.check_ranges(np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C"), dims, path)
+
+
+def _open_stream(path: Path) -> TextIO:
+    """PATH opened to write through, as `> PATH` does; refused if it stopped being a stream since it was checked."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise BadInput(f"{path}: cannot write it ({e.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        os.close(fd)
+        raise BadInput(f"{path}: changed from a stream to a file while it was opened; run again")
+    return open(fd, "w", encoding="utf-8")
 
 
 def _reserve(f, nbytes: int) -> None:

@@ -220,14 +220,14 @@ class Pipeline:
         chunk_size: int,
         *,
         run_key: str = "",
-        skip: Callable[[int, str], bool] | None = None,
+        skip: Callable[[int, str, int], bool] | None = None,
         stats: Stats | None = None,
         **options,
     ) -> Iterator[Chunk]:
         """Texts in, chunks of CHUNK_SIZE vectors out, reading TEXTS lazily (memory stays flat for any input).
 
         Each chunk's digest covers RUN_KEY and every text so far, so a resumed run can tell whether the part
-        an interrupted run left is the same work; SKIP(index, digest) true means it is, and the chunk is not
+        an interrupted run left is the same work; SKIP(index, digest, count) true means it is, and the chunk is not
         embedded again. OPTIONS go to `embed` (query, task, normalize, truncate, dimensions).
         """
         if chunk_size < 1:
@@ -240,7 +240,7 @@ class Pipeline:
                 running.update(t.encode("utf-8", "surrogatepass") if isinstance(t, str) else repr(t).encode())
                 running.update(b"\0")
             digest = running.hexdigest()
-            if skip is not None and skip(index, digest):
+            if skip is not None and skip(index, digest, len(batch)):
                 if stats is not None:
                     stats.skipped += len(batch)
                 yield Chunk(index, first, len(batch), digest, None)

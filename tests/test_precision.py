@@ -106,5 +106,60 @@ def test_embedder_encode(float32) -> None:
             got = model.encode(items, precision=precision)
             want = quantize_embeddings(float32, precision) if precision != "float16" else float32.astype(np.float16)
             assert got.dtype == want.dtype and np.array_equal(got, want), precision
+        # The same text's float32 vector alone, not the batched run's: a vector can differ by a few 1e-7 with
+        # what else is in the micro-batch, enough to cross a bucket boundary.
+        alone = model.encode(items[0])[None]
         one = model.encode(items[0], precision="uint8", ranges=ranges_of(float32))
-        assert np.array_equal(one, quantize_embeddings(float32[:1], "uint8", ranges=ranges_of(float32))[0])
+        assert np.array_equal(one, quantize_embeddings(alone, "uint8", ranges=ranges_of(float32))[0])
+
+
+def _ranges_file(kind: str, path) -> None:
+    if kind == "npz":  # an .npz under a .npy name (np.savez given a file object adds no suffix)
+        with open(path, "wb") as f:
+            np.savez(f, ranges=np.zeros((2, 384), np.float32))
+    elif kind == "huge header":  # a header claiming 800 GB of float32: refused before a byte of it is read
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (2, 10**11)})
+    elif kind == "beyond float32":  # finite as float64, ±inf as float32: every code would be 0
+        np.save(path, np.vstack((np.full(384, -1e300), np.full(384, 1e300))))
+    elif kind == "cut short":
+        np.save(path, np.zeros((2, 384), np.float32))
+        path.write_bytes(path.read_bytes()[:-8])
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("npz", "not a ranges .npy file"),
+        ("huge header", "ranges must be a (2, 384) float32 or float64 array"),
+        ("beyond float32", "ranges must be finite float32 values"),
+        ("cut short", "bytes of ranges, not the 3072 its header says"),
+    ],
+)
+def test_a_hostile_ranges_file_is_one_line(kind: str, message: str, tmp_path) -> None:
+    """Before: AttributeError (npz), MemoryError (the huge header), and exit 0 with every code 0 (1e300)."""
+    ranges = tmp_path / "r.npy"
+    _ranges_file(kind, ranges)
+    proc = run_cli("embed", "-m", MODEL, "a llama", "-q", "--precision", "int8", "--ranges", str(ranges), check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: {ranges}: ") and message in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "ranges,message",
+    [
+        (np.vstack((np.full(384, np.nan), np.ones(384))), "ranges must be finite float32 values"),
+        (np.array([[-1.0], [1.0]]), "ranges must be a (2, 384) float array"),  # would broadcast over every dimension
+        (np.vstack((np.ones(384), -np.ones(384))), "some minima (row 0) exceed their maxima (row 1)"),
+        (np.zeros((2, 384), np.int64), "ranges must be a (2, 384) float array"),
+    ],
+)
+def test_embedder_checks_ranges_as_the_cli_does(ranges, message: str) -> None:
+    """Before: NaN ranges gave codes from NaN, a (2, 1) array was broadcast and minima above maxima accepted."""
+    from quantize.errors import BadInput
+    from runner import Embedder
+
+    with Embedder(MODEL) as model, pytest.raises(BadInput, match="precision int8: ") as refused:
+        model.encode(["a llama", "two llamas"], precision="int8", ranges=ranges)
+    assert message in str(refused.value)
