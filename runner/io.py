@@ -124,7 +124,7 @@ def is_stream(output: Path) -> bool:
         return True
     if output.is_symlink():
         raise BadInput(
-            f"{output}: a link to {os.readlink(output)}; outputs are written beside their name and renamed into "
+            f"{output}: a link to {os.path.realpath(output)}; outputs are written beside their name and renamed into "
             "place, which would replace the link: -o the file it points to, or remove the link"
         )
     if mode is not None and not stat.S_ISREG(mode):

@@ -366,7 +366,7 @@ def test_a_run_failing_on_bad_input_leaves_nothing_behind(minilm, tmp_path) -> N
     (tmp_path / "in.txt").write_text("one\n\nthree\n")
     out = tmp_path / "v.npy"
     proc = run_cli("embed", "-m", str(minilm), "--input", str(tmp_path / "in.txt"), "-o", str(out), check=False)
-    assert_one_line_error(proc, "input 2")
+    assert_one_line_error(proc, "in.txt:2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
 
 
