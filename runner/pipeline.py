@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -28,6 +29,12 @@ from runner.engine import Engine, open_engine
 from runner.model import ResolvedModel, resolve_model
 
 log = logging.getLogger("runner")
+
+# A text is tokenized a prefix at a time once it is longer than this many characters per token it may keep (plus
+# HEAD_MARGIN tokens, so that the tokens a cut changes fall past the ones kept).
+HEAD_CHARS_PER_TOKEN = 8
+HEAD_MARGIN = 64
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # valid in JSON ("\ud800"), never in UTF-8 text
 
 
 @dataclass
@@ -123,8 +130,8 @@ class Pipeline:
     ) -> Tokenized:
         """TEXTS through the model's prompt template and tokenizer, cut at max_length.
 
-        An empty text, or one over the limit with TRUNCATE=False, is a BadInput naming the input
-        (numbered from FIRST_INDEX + 1).
+        A text that is not a string, empty, not valid Unicode (a lone surrogate), or over the limit with
+        TRUNCATE=False is a BadInput naming the input (numbered from FIRST_INDEX + 1).
         """
         engine = self.engine
         # NV-Embed: each text is `instruction + text + eos_token` and its mean leaves out the first
@@ -135,38 +142,69 @@ class Pipeline:
             skip = len(engine.tokenize(instruction, special=False)) if instruction else 0
         out = Tokenized()
         for i, text in enumerate(texts, first_index + 1):
-            if not isinstance(text, str) or not text.strip():
+            if not isinstance(text, str):
+                raise BadInput(f"input {i}: {type(text).__name__}, not a text; send strings")
+            if not text or text.isspace():  # no copy of a long text
                 raise BadInput(f"input {i}: empty text; remove empty lines from the input")
-            tokens = engine.tokenize(self.model.prompts.apply(text, query, task, where=f"input {i}"))
+            if surrogate := _LONE_SURROGATE.search(text):
+                raise BadInput(
+                    f"input {i}: not valid Unicode: a lone surrogate ({surrogate[0]!r}) at character "
+                    f"{surrogate.start()}; send UTF-8 text"
+                )
+            tokens, whole = self._head_tokens(self.model.prompts.apply(text, query, task, where=f"input {i}"))
             if self._append_eos:
                 tokens = np.append(tokens, np.int32(engine.eos))
             # Keep a closing EOS/SEP the tokenizer adds; an EOS that is part of the text (NV-Embed) goes
             # with the rest of the tail, as the reference's truncation does.
             keep_last = engine.ends_with_special and not self._append_eos
-            self._add(out, tokens, skip, i, truncate, keep_last)
+            self._add(out, tokens, skip, i, truncate, keep_last, whole)
         return out
+
+    def _head_tokens(self, text: str) -> tuple[np.ndarray, bool]:
+        """TEXT's tokens, exactly those of the whole text up to max_length (and its closing special token, which
+        does not depend on the text), and whether they are all of them.
+
+        A text far longer than max_length is not tokenized whole (a 50 MB line cost gigabytes): prefixes of
+        HEAD_CHARS_PER_TOKEN characters per token of max_length + HEAD_MARGIN are, doubled until two of them give
+        over that many tokens and agree on the first max_length (a cut only changes the tokens near it).
+        """
+        want = self.max_length + HEAD_MARGIN
+        size = want * HEAD_CHARS_PER_TOKEN
+        before = None
+        while size < len(text):
+            tokens = self.engine.tokenize(text[:size])
+            if len(tokens) > want:
+                if before is not None and np.array_equal(before[: self.max_length], tokens[: self.max_length]):
+                    return tokens, False
+                before = tokens
+            size *= 2
+        return self.engine.tokenize(text), True
 
     def from_token_ids(self, ids: Sequence[Sequence[int]], *, truncate: bool = True, first_index: int = 0) -> Tokenized:
         """Token ids given by the caller (OpenAI's array-of-token-ids input), checked and cut at max_length."""
         out = Tokenized()
         for i, seq in enumerate(ids, first_index + 1):
-            tokens = np.asarray(seq)
-            if tokens.ndim != 1 or len(tokens) == 0 or not np.issubdtype(tokens.dtype, np.integer):
+            if isinstance(seq, np.ndarray):
+                seq = seq.tolist() if seq.ndim == 1 and np.issubdtype(seq.dtype, np.integer) else None
+            # Checked as Python ints: a 5,000-digit one is out of range, not an overflow.
+            if not isinstance(seq, (list, tuple)) or not seq or not all(_is_int(t) for t in seq):
                 raise BadInput(f"input {i}: token ids must be a non-empty list of integers")
-            if tokens.min() < 0 or tokens.max() >= self.vocab_size:
+            if min(seq) < 0 or max(seq) >= self.vocab_size:
                 raise BadInput(f"input {i}: token id out of range; the vocabulary has {self.vocab_size} tokens")
-            self._add(out, tokens.astype(np.int32), 0, i, truncate, keep_last=False)
+            self._add(out, np.array(seq, dtype=np.int32), 0, i, truncate, keep_last=False, whole=True)
         return out
 
-    def _add(self, out: Tokenized, tokens: np.ndarray, skip: int, i: int, truncate: bool, keep_last: bool) -> None:
-        """Append TOKENS to OUT, cut at max_length (or refused, naming input I, when TRUNCATE is False)."""
+    def _add(
+        self, out: Tokenized, tokens: np.ndarray, skip: int, i: int, truncate: bool, keep_last: bool, whole: bool
+    ) -> None:
+        """Append TOKENS to OUT, cut at max_length (or refused, naming input I, when TRUNCATE is False). WHOLE:
+        TOKENS are all of the input's, not the head of a longer text."""
         limit = self.max_length
         cut = len(tokens) > limit
         if cut:
             if not truncate:
-                raise BadInput(
-                    f"input {i}: {len(tokens)} tokens, over the limit of {limit}; shorten it, or allow truncation"
-                )
+                count = f"{len(tokens)} tokens" if whole else f"more than {limit} tokens"
+                raise BadInput(f"input {i}: {count}, over the limit of {limit}; shorten it, or allow truncation")
             tokens = np.concatenate([tokens[: limit - 1], tokens[-1:]]) if keep_last else tokens[:limit]
         out.cut.append(cut)
         out.seqs.append(tokens)
@@ -237,7 +275,8 @@ class Pipeline:
         first, index = 0, 0
         while batch := list(islice(it, chunk_size)):
             for t in batch:
-                running.update(t.encode("utf-8", "surrogatepass") if isinstance(t, str) else repr(t).encode())
+                # Not a text: tokenize refuses it, naming it (its repr could be gigabytes, or recurse 100,000 deep).
+                running.update(t.encode("utf-8", "surrogatepass") if isinstance(t, str) else type(t).__name__.encode())
                 running.update(b"\0")
             digest = running.hexdigest()
             if skip is not None and skip(index, digest, len(batch)):
@@ -297,3 +336,7 @@ def open_pipeline(
     except BaseException:
         engine.close()
         raise
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
