@@ -35,6 +35,11 @@ ARCHITECTURES = ("llama-embed", "llama", "qwen2", "qwen3", "bert")
 TOKENIZERS = ("llama", "gpt2", "bert")  # SPM, BPE, WordPiece
 BYTE_TOKEN = 6  # tokenizer.ggml.token_type of a byte-fallback token (<0x0A>)
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS: llama.cpp asserts block_count <= this
+# Bounds on the sizes a model may declare (also held against config.json: quantize/architectures).
+MAX_WIDTH = 1 << 20  # embedding_length
+MAX_FFN = 1 << 24  # feed_forward_length
+MAX_HEAD_DIM = 1 << 16  # attention key/value length
+MAX_CONTEXT = 2**32 - 1  # context_length: a uint32
 MAX_NAME = 64  # GGML_MAX_NAME, with its terminating zero
 ROPE_SCALING = ("none", "linear", "yarn", "longrope")  # anything else is a GGML_ASSERT in load_hparams
 POOLING_TYPES = (0, 1, 2, 3)  # none, mean, cls, last: other values abort when the graph is built
@@ -190,21 +195,21 @@ class _Checker:
         if embd is None or len(embd) != 2:
             raise self.fail("no 2-D token_embd.weight tensor")
         self.vocab, width = embd
-        hidden = uint(key("embedding_length"), 1, 1 << 20)
+        hidden = uint(key("embedding_length"), 1, MAX_WIDTH)
         if hidden != width:
             raise self.fail(f"{key('embedding_length')} = {hidden} but token_embd.weight is {width} wide")
         if key("vocab_size") in self.meta:
             uint(key("vocab_size"), self.vocab, self.vocab)
-        context = uint(key("context_length"), 1, 2**32 - 1)
-        ffn = uint(key("feed_forward_length"), 1, 1 << 24)
+        context = uint(key("context_length"), 1, MAX_CONTEXT)
+        ffn = uint(key("feed_forward_length"), 1, MAX_FFN)
         heads = uint(key("attention.head_count"), 1, hidden)
         kv = uint(key("attention.head_count_kv"), 1, heads, default=heads)
         if heads % kv:
             raise self.fail(f"{key('attention.head_count')} = {heads} is not a multiple of head_count_kv = {kv}")
         if key("attention.key_length") not in self.meta and hidden % heads:
             raise self.fail(f"{key('embedding_length')} = {hidden} does not divide into {heads} heads")
-        head_k = uint(key("attention.key_length"), 1, 1 << 16, default=hidden // heads)
-        head_v = uint(key("attention.value_length"), 1, 1 << 16, default=hidden // heads)
+        head_k = uint(key("attention.key_length"), 1, MAX_HEAD_DIM, default=hidden // heads)
+        head_v = uint(key("attention.value_length"), 1, MAX_HEAD_DIM, default=hidden // heads)
         if head_k != head_v:  # every graph here asserts n_embd_head_k == n_embd_head_v
             raise self.fail(f"attention key_length {head_k} differs from value_length {head_v}")
         uint(key("rope.dimension_count"), head_k, head_k, default=head_k)  # llama/qwen graphs: n_rot == head dim

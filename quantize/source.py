@@ -163,7 +163,7 @@ def source_files(path: Path) -> list[Path]:
 def read_config(path: Path) -> dict:
     try:
         return json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # bad JSON, an integer past Python's 4300 digits, nesting past its stack
         raise BadInput(f"{path / 'config.json'}: not valid JSON ({e})") from None
 
 

@@ -14,10 +14,15 @@ from typing import ClassVar
 import gguf
 import numpy as np
 
-from quantize.errors import UnsupportedArchitecture
+from quantize.errors import CorruptModelFile, UnsupportedArchitecture
+from quantize.gguf_check import MAX_CONTEXT, MAX_FFN, MAX_HEAD_DIM, MAX_LAYERS, MAX_WIDTH
 from quantize.sizes import TensorSpec
 
 F16, F32 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
+# config.json is as hostile as a GGUF header (a hub repo comes from strangers) and has no file size to bound
+# it: its sizes are held to the limits the GGUF checks apply, before anything is allocated from them.
+MAX_VOCAB = 1 << 24  # no tensor-size bound here as in a GGUF; the largest real vocabularies hold ~256k tokens
+MAX_FLOAT = 3.0e38  # a GGUF stores these as float32: anything larger becomes inf
 
 
 @dataclass(frozen=True)
@@ -33,12 +38,80 @@ class Trunk:
     context: int  # longest sequence the model was trained for
     head_dim: int | None = None  # when it is not hidden / heads (Qwen3-0.6B: 16 heads of 128 in 1024)
 
+    @classmethod
+    def from_config(cls, config: dict, where: str, context: int) -> Trunk:
+        """The sizes config.json declares, each within the limits the GGUF checks apply (quantize/gguf_check.py);
+        CONTEXT: the family's default max_position_embeddings. head_dim is config.json's, if it has one: whether
+        it may differ from hidden / heads is the family's call."""
+        hidden = integer(config, "hidden_size", where, 1, MAX_WIDTH)
+        heads = integer(config, "num_attention_heads", where, 1, hidden)
+        kv_heads = integer(config, "num_key_value_heads", where, 1, heads, default=heads)
+        if heads % kv_heads:
+            raise CorruptModelFile(
+                f"{where}: config.json num_attention_heads = {heads} is not a multiple of "
+                f"num_key_value_heads = {kv_heads}"
+            )
+        return cls(
+            layers=integer(config, "num_hidden_layers", where, 1, MAX_LAYERS),
+            hidden=hidden,
+            ffn=integer(config, "intermediate_size", where, 1, MAX_FFN),
+            heads=heads,
+            kv_heads=kv_heads,
+            vocab=integer(config, "vocab_size", where, 1, MAX_VOCAB),
+            context=integer(config, "max_position_embeddings", where, 1, MAX_CONTEXT, default=context),
+            head_dim=integer(config, "head_dim", where, 1, MAX_HEAD_DIM, default=0) or None,
+        )
+
 
 def require(config: dict, key: str, where: str):
     """config[KEY], or a one-line error naming the checkpoint and the missing key."""
     if key not in config:
         raise UnsupportedArchitecture(f"{where}: config.json lacks {key!r}")
     return config[key]
+
+
+def integer(
+    config: dict, key: str, where: str, lo: int, hi: int, default: int | None = None, section: str = ""
+) -> int:
+    """config[KEY] as a whole number from LO to HI (DEFAULT when absent or null; required when DEFAULT is None),
+    else a one-line error naming config.json, the key (inside SECTION, e.g. "rope_scaling.") and the range."""
+    value = config.get(key)
+    if value is None and default is not None:
+        return default
+    value = require(config, key, where)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise CorruptModelFile(
+            f"{where}: config.json {section}{key} = {shown(value)} is not a whole number from {lo} to {hi}"
+        )
+    return value
+
+
+def number(config: dict, key: str, where: str, default: float, hi: float = MAX_FLOAT, section: str = "") -> float:
+    """config[KEY] as a number above 0 and at most HI (DEFAULT when absent or null), else a one-line error."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= hi:
+        raise CorruptModelFile(
+            f"{where}: config.json {section}{key} = {shown(value)} is not a number above 0 and at most {hi:g}"
+        )
+    return float(value)
+
+
+def table(config: dict, key: str, where: str) -> dict:
+    """config[KEY] as a JSON object ({} when absent or null), else a one-line error."""
+    value = config.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CorruptModelFile(f"{where}: config.json {key} = {shown(value)} is not a JSON object")
+    return value
+
+
+def shown(value: object) -> str:
+    """VALUE as config.json had it, cut short: a hostile file's strings can be megabytes."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class Family:
@@ -163,13 +236,15 @@ def supported() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def for_config(config: dict, embedder: bool, where: str, causal: bool = False) -> Family:
+def for_config(config: object, embedder: bool, where: str, causal: bool = False) -> Family:
     """The family for CONFIG; causal LMs only when the caller declared them as embedders.
 
     CAUSAL: run attention causally (last-token embedders trained that way); the default is bidirectional.
     """
+    if not isinstance(config, dict):
+        raise CorruptModelFile(f"{where}: config.json holds {type(config).__name__}, not a JSON object")
     archs = config.get("architectures")
-    name = archs[0] if isinstance(archs, list) and archs else "<missing>"
+    name = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else "<missing>"
     if name not in _REGISTRY:
         raise UnsupportedArchitecture(
             f"{where}: architecture {name} is not supported; supported: {', '.join(supported())}"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import gguf
 
-from quantize.architectures import F16, F32, Family, Trunk, map_tensor, register, require
+from quantize.architectures import F16, F32, MAX_VOCAB, Family, Trunk, integer, map_tensor, number, register, shown
 from quantize.errors import UnsupportedArchitecture
 from quantize.sizes import TensorSpec
 
@@ -30,16 +30,21 @@ class BertArgs:
         if config.get("position_embedding_type", "absolute") != "absolute":
             raise UnsupportedArchitecture(f"{where}: only absolute position embeddings are supported for BERT")
         if config.get("hidden_act", "gelu") != "gelu":
-            raise UnsupportedArchitecture(f"{where}: hidden_act {config['hidden_act']!r}; llama.cpp's bert needs gelu")
+            raise UnsupportedArchitecture(
+                f"{where}: hidden_act {shown(config['hidden_act'])}; llama.cpp's bert needs gelu"
+            )
+        t = Trunk.from_config(config, where, context=512)
+        if t.hidden % t.heads:
+            raise UnsupportedArchitecture(f"{where}: hidden_size {t.hidden} does not divide into {t.heads} heads")
         return cls(
-            hidden_size=require(config, "hidden_size", where),
-            num_hidden_layers=require(config, "num_hidden_layers", where),
-            num_attention_heads=require(config, "num_attention_heads", where),
-            intermediate_size=require(config, "intermediate_size", where),
-            vocab_size=require(config, "vocab_size", where),
-            layer_norm_eps=config.get("layer_norm_eps", 1e-12),
-            max_position_embeddings=config.get("max_position_embeddings", 512),
-            type_vocab_size=config.get("type_vocab_size", 2),
+            hidden_size=t.hidden,
+            num_hidden_layers=t.layers,
+            num_attention_heads=t.heads,
+            intermediate_size=t.ffn,
+            vocab_size=t.vocab,
+            layer_norm_eps=number(config, "layer_norm_eps", where, 1e-12, hi=1.0),
+            max_position_embeddings=t.context,
+            type_vocab_size=integer(config, "type_vocab_size", where, 1, MAX_VOCAB, default=2),
         )
 
 

@@ -13,8 +13,21 @@ from dataclasses import dataclass, field
 import gguf
 import numpy as np
 
-from quantize.architectures import F16, F32, Family, Trunk, decoder_layer_specs, map_tensor, register, require
-from quantize.errors import UnsupportedArchitecture
+from quantize.architectures import (
+    F16,
+    F32,
+    MAX_CONTEXT,
+    Family,
+    Trunk,
+    decoder_layer_specs,
+    integer,
+    map_tensor,
+    number,
+    register,
+    shown,
+    table,
+)
+from quantize.errors import CorruptModelFile, UnsupportedArchitecture
 from quantize.sizes import TensorSpec
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -33,43 +46,44 @@ class LlamaArgs:
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     rope_type: str = "default"
-    rope: dict = field(default_factory=dict)  # the scaling parameters (factor, low/high_freq_factor, ...)
+    rope: dict[str, float] = field(default_factory=dict)  # the scaling parameters (factor, low/high_freq_factor, ...)
 
     @classmethod
     def from_config(cls, config: dict, where: str) -> LlamaArgs:
-        hidden = require(config, "hidden_size", where)
-        heads = require(config, "num_attention_heads", where)
-        head_dim = config.get("head_dim") or hidden // heads
-        if head_dim * heads != hidden:
+        t = Trunk.from_config(config, where, context=4096)
+        head_dim = t.head_dim or t.hidden // t.heads
+        if head_dim * t.heads != t.hidden:
             raise UnsupportedArchitecture(
-                f"{where}: head_dim {head_dim} x {heads} heads != hidden_size {hidden}; "
+                f"{where}: head_dim {head_dim} x {t.heads} heads != hidden_size {t.hidden}; "
                 "llama.cpp's llama graph needs them equal"
             )
+        if head_dim % 2:
+            raise UnsupportedArchitecture(f"{where}: head_dim {head_dim} is odd; rope rotates pairs of dimensions")
         if config.get("hidden_act", "silu") != "silu":
-            raise UnsupportedArchitecture(f"{where}: hidden_act {config['hidden_act']!r}; llama needs silu")
+            raise UnsupportedArchitecture(f"{where}: hidden_act {shown(config['hidden_act'])}; llama needs silu")
         if config.get("attention_bias") or config.get("mlp_bias"):
             raise UnsupportedArchitecture(f"{where}: attention/MLP biases are not supported for llama")
         # transformers 4 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters.
-        rope = dict(config.get("rope_parameters") or {})
-        rope.update(config.get("rope_scaling") or {})
+        rope = {**table(config, "rope_parameters", where), **table(config, "rope_scaling", where)}
         rope_type = rope.get("rope_type") or rope.get("type") or "default"
         if rope_type not in ROPE_TYPES:
             raise UnsupportedArchitecture(
-                f"{where}: rope scaling {rope_type!r} is not supported ({', '.join(ROPE_TYPES)})"
+                f"{where}: rope scaling {shown(rope_type)} is not supported ({', '.join(ROPE_TYPES)})"
             )
+        rope_theta = number(rope, "rope_theta", where, 10000.0, section="rope_parameters.")
         return cls(
-            hidden_size=hidden,
-            num_hidden_layers=require(config, "num_hidden_layers", where),
-            num_attention_heads=heads,
-            num_key_value_heads=config.get("num_key_value_heads") or heads,
-            intermediate_size=require(config, "intermediate_size", where),
-            vocab_size=require(config, "vocab_size", where),
+            hidden_size=t.hidden,
+            num_hidden_layers=t.layers,
+            num_attention_heads=t.heads,
+            num_key_value_heads=t.kv_heads,
+            intermediate_size=t.ffn,
+            vocab_size=t.vocab,
             head_dim=head_dim,
-            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=_trained_context(config),
-            rope_theta=float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            rms_norm_eps=number(config, "rms_norm_eps", where, 1e-6, hi=1.0),
+            max_position_embeddings=_trained_context(config, where, t.context),
+            rope_theta=number(config, "rope_theta", where, rope_theta),
             rope_type=rope_type,
-            rope=rope,
+            rope=_rope_scaling(rope, rope_type, where),
         )
 
 
@@ -141,13 +155,36 @@ class Llama(Family):
             yield name, llama3_rope_factors(a.rope, a.rope_theta, a.head_dim)
 
 
-def _trained_context(config: dict) -> int:
-    """max_position_embeddings, but no further than a sliding window (Mistral-7B's 4096; NV-Embed sets none):
-    llama.cpp's llama-embed graph attends over the whole sequence, which matches a windowed model only on
+def _trained_context(config: dict, where: str, context: int) -> int:
+    """CONTEXT (max_position_embeddings), but no further than a sliding window (Mistral-7B's 4096; NV-Embed sets
+    none): llama.cpp's llama-embed graph attends over the whole sequence, which matches a windowed model only on
     sequences no longer than its window. The GGUF's context length caps every max length the runner uses."""
-    context = config.get("max_position_embeddings", 4096)
-    window = config.get("sliding_window")
-    return min(context, window) if isinstance(window, int) and window > 0 else context
+    window = integer(config, "sliding_window", where, 1, MAX_CONTEXT, default=0)
+    return min(context, window) if window else context
+
+
+def _rope_scaling(rope: dict, rope_type: str, where: str) -> dict[str, float]:
+    """The scaling parameters ROPE_TYPE reads, checked (llama3_rope_factors divides by high - low)."""
+    section = "rope_scaling."
+    if rope_type == "linear":
+        if rope.get("factor") is None:
+            raise CorruptModelFile(f"{where}: config.json rope_scaling is linear but has no factor")
+        return {"factor": number(rope, "factor", where, 1.0, section=section)}
+    if rope_type != "llama3":
+        return {}
+    low = number(rope, "low_freq_factor", where, 1.0, section=section)
+    high = number(rope, "high_freq_factor", where, 4.0, section=section)
+    if high <= low:
+        raise CorruptModelFile(
+            f"{where}: config.json rope_scaling.high_freq_factor = {high:g} is not above low_freq_factor = {low:g}"
+        )
+    original = integer(rope, "original_max_position_embeddings", where, 1, MAX_CONTEXT, 8192, section=section)
+    return {
+        "factor": number(rope, "factor", where, 8.0, section=section),
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": original,
+    }
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:

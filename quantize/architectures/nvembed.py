@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 
 from quantize import gguf_keys
-from quantize.architectures import register
+from quantize.architectures import integer, register, table
 from quantize.architectures.llama import Llama  # the trunk is Mistral-7B, which llama-embed runs
 from quantize.errors import CorruptModelFile, UnsupportedArchitecture
 
@@ -34,7 +34,8 @@ MISTRAL_DEFAULTS = {
     "rope_theta": 10000.0,
 }
 # LatentAttentionConfig's defaults (the published config.json may carry only its model_type).
-LATENT_DEFAULTS = {"num_latents_value": 512, "num_cross_heads": 8, "cross_dim_head": 4096, "output_normalize": True}
+LATENT_DEFAULTS = {"num_latents_value": 512, "num_cross_heads": 8}
+MAX_LATENTS = 1 << 16  # the published head has 512
 # The head's tensors in the published layout: cross-attention block 0, feed-forward block 1.
 HEAD_TENSORS = (
     "latents",
@@ -69,7 +70,12 @@ class NVEmbed(Llama):
         if config.get("padding_side", "right") != "right":
             raise UnsupportedArchitecture(f"{where}: padding_side {config['padding_side']!r}; NV-Embed uses right")
         super().__init__({**MISTRAL_DEFAULTS, **text, "sliding_window": None}, where)
-        self.latent = {**LATENT_DEFAULTS, **(config.get("latent_attention_config") or {})}
+        latent = {**LATENT_DEFAULTS, **table(config, "latent_attention_config", where)}
+        section = "latent_attention_config."
+        self.latent = {
+            "num_latents_value": integer(latent, "num_latents_value", where, 1, MAX_LATENTS, section=section),
+            "num_cross_heads": integer(latent, "num_cross_heads", where, 1, self.args.hidden_size, section=section),
+        }
         self.skip_instruction = bool(config.get("is_mask_instruction", True))
         self.append_eos = bool(config.get("add_eos", True))
 
@@ -92,7 +98,7 @@ class NVEmbed(Llama):
     def head_bytes(self) -> int:
         """The folded head in float32: scores + values (hidden x heads*latents each), GEGLU, norms."""
         hidden = self.args.hidden_size
-        hl = int(self.latent["num_cross_heads"]) * int(self.latent["num_latents_value"])
+        hl = self.latent["num_cross_heads"] * self.latent["num_latents_value"]
         return 4 * (2 * hidden * hl + 8 * hidden * hidden + 4 * hidden * hidden + 8 * hidden + 5 * hidden)
 
     def head_tensors(self, load: Callable[[str], np.ndarray | None]) -> dict[str, np.ndarray]:
@@ -106,10 +112,10 @@ class NVEmbed(Llama):
                     "download the complete checkpoint (all *.safetensors shards)"
                 )
             raw[name] = data
-        return fold_head(raw, int(self.latent["num_cross_heads"]), self.args.hidden_size, self.where)
+        return fold_head(raw, self.latent["num_cross_heads"], self.args.hidden_size, self.where)
 
     def write_head(self, w: gguf.GGUFWriter, tensors: dict[str, np.ndarray]) -> None:
-        w.add_uint32(f"{HEAD_ARCH}.head_count", int(self.latent["num_cross_heads"]))
+        w.add_uint32(f"{HEAD_ARCH}.head_count", self.latent["num_cross_heads"])
         w.add_float32(f"{HEAD_ARCH}.layer_norm_epsilon", LAYER_NORM_EPS)
         for name, data in tensors.items():
             w.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))

@@ -14,7 +14,18 @@ from typing import ClassVar
 
 import gguf
 
-from quantize.architectures import F16, F32, Family, Trunk, decoder_layer_specs, map_tensor, register, require
+from quantize.architectures import (
+    F16,
+    F32,
+    Family,
+    Trunk,
+    decoder_layer_specs,
+    map_tensor,
+    number,
+    register,
+    shown,
+    table,
+)
 from quantize.errors import UnsupportedArchitecture
 from quantize.sizes import TensorSpec
 
@@ -36,31 +47,30 @@ class QwenArgs:
     def from_config(cls, config: dict, where: str, free_head_dim: bool) -> QwenArgs:
         """FREE_HEAD_DIM: config.json's head_dim may differ from hidden/heads (Qwen3; llama.cpp's qwen2 graph
         assumes they are equal)."""
-        hidden = require(config, "hidden_size", where)
-        heads = require(config, "num_attention_heads", where)
-        head_dim = (config.get("head_dim") if free_head_dim else None) or hidden // heads
-        if not free_head_dim and head_dim * heads != hidden:
-            raise UnsupportedArchitecture(f"{where}: hidden_size {hidden} does not divide into {heads} heads")
+        t = Trunk.from_config(config, where, context=32768)
+        head_dim = (t.head_dim if free_head_dim else None) or t.hidden // t.heads
+        if not free_head_dim and head_dim * t.heads != t.hidden:
+            raise UnsupportedArchitecture(f"{where}: hidden_size {t.hidden} does not divide into {t.heads} heads")
         if config.get("hidden_act", "silu") != "silu":
-            raise UnsupportedArchitecture(f"{where}: hidden_act {config['hidden_act']!r}; Qwen needs silu")
+            raise UnsupportedArchitecture(f"{where}: hidden_act {shown(config['hidden_act'])}; Qwen needs silu")
         if config.get("use_sliding_window"):
             raise UnsupportedArchitecture(f"{where}: sliding-window attention is not supported for Qwen")
-        rope = dict(config.get("rope_parameters") or {})
-        rope.update(config.get("rope_scaling") or {})
+        rope = {**table(config, "rope_parameters", where), **table(config, "rope_scaling", where)}
         rope_type = rope.get("rope_type") or rope.get("type") or "default"
         if rope_type != "default":
-            raise UnsupportedArchitecture(f"{where}: rope scaling {rope_type!r} is not supported for Qwen")
+            raise UnsupportedArchitecture(f"{where}: rope scaling {shown(rope_type)} is not supported for Qwen")
+        rope_theta = number(rope, "rope_theta", where, 1000000.0, section="rope_parameters.")
         return cls(
-            hidden_size=hidden,
-            num_hidden_layers=require(config, "num_hidden_layers", where),
-            num_attention_heads=heads,
-            num_key_value_heads=config.get("num_key_value_heads") or heads,
-            intermediate_size=require(config, "intermediate_size", where),
-            vocab_size=require(config, "vocab_size", where),
+            hidden_size=t.hidden,
+            num_hidden_layers=t.layers,
+            num_attention_heads=t.heads,
+            num_key_value_heads=t.kv_heads,
+            intermediate_size=t.ffn,
+            vocab_size=t.vocab,
             head_dim=head_dim,
-            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=config.get("max_position_embeddings", 32768),
-            rope_theta=float(config.get("rope_theta") or rope.get("rope_theta") or 1000000.0),
+            rms_norm_eps=number(config, "rms_norm_eps", where, 1e-6, hi=1.0),
+            max_position_embeddings=t.context,
+            rope_theta=number(config, "rope_theta", where, rope_theta),
         )
 
 
