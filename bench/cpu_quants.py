@@ -6,7 +6,7 @@
 The small real models of bench.speed are 384 and 576 wide, so their K-quants fall back to other types and
 never reach llama.cpp's repacked CPU kernels. This builds a random Llama-3.1-8B-shaped checkpoint (hidden
 4096, FFN 14336, 32/8 heads, Llama-3 vocabulary) cut to --layers layers, converts it to F16, quantizes it,
-and times `Engine.embed_tokens` on the same `bench.corpus` texts for each file: tokens/s (median of
+and times `Engine.embed_tokens` on the same `tests.corpus` texts for each file: tokens/s (median of
 --repeats after a warm-up) and the speed relative to Q8_0. Speed per layer does not depend on the weights'
 values or on the depth, so a few layers stand for the 32 of llama-embed-nemotron-8b and NV-Embed-v2's trunk.
 
@@ -26,19 +26,38 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.convert_memory import llama8b_ggufs
-from bench.corpus import corpus
 from planner.calibration import CALIBRATED_LAYERS
 from quantize.ladder import quant_path, quantize
 from quantize.quants import LADDER
 from runner.calibrate import median_rate
 from runner.engine import Engine, physical_cores
+from tests.corpus import corpus
+from tests.synth import llama3_checkpoint
 
 DEFAULT_QUANTS = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K"]
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def llama8b_ggufs(workdir: Path, layers: int, quants: list[str]) -> dict[str, Path]:
+    """{quant: GGUF} ("F16" or a ladder quant) of a random Llama-3.1-8B-shaped checkpoint cut to LAYERS layers,
+    converted and quantized by llama.cpp's own quantizer (the kernels the CPU runs), each built once in WORKDIR."""
+    from quantize.convert import convert
+    from quantize.progress import Progress
+
+    ckpt = workdir / f"llama-8b-shape-{layers}l"
+    if not (ckpt / "config.json").is_file():
+        log(f"building {ckpt}")
+        llama3_checkpoint(ckpt, layers)
+    f16 = workdir / "gguf" / f"{ckpt.name}-F16.gguf"
+    if not f16.is_file():
+        f16 = convert(str(ckpt), workdir / "gguf", "f16")
+    missing = [q for q in quants if q != "F16" and not quant_path(f16, q).is_file()]
+    if missing:
+        quantize(f16, missing, f16.parent, progress=Progress(say=log))
+    return {q: f16 if q == "F16" else quant_path(f16, q) for q in quants}
 
 
 def tokens_per_second(path: Path, texts: list[str], repeats: int) -> float:

@@ -1,6 +1,6 @@
 """The first run of an 8B embedder in numbers: bytes on disk and seconds per step, against the disk plan.
 
-Builds bench.convert_memory's random Llama-3.1-8B-shaped checkpoint (4096 wide, ffn 14336, 32 heads / 8 KV
+Builds tests/synth.py's random Llama-3.1-8B-shaped checkpoint (4096 wide, ffn 14336, 32 heads / 8 KV
 heads, the Llama-3 tokenizer, bf16 shards) cut to each of two --layers depths, then runs the steps a first run
 takes, as separate CLI commands with EMBEDRUNNER_HOME in the work directory (each one's wall and CPU seconds):
 
@@ -31,7 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.convert_memory import Shape, build_checkpoint, free_bytes
+from bench.convert_memory import free_bytes
+from tests.synth import llama3_checkpoint
 
 GIB = 2**30
 FULL_LAYERS = 32
@@ -72,7 +73,7 @@ def measure(layers: int, quants: list[str], workdir: Path, repeats: int) -> Dept
     ckpt, home = workdir / f"llama-8b-shape-{layers}l", workdir / f"home-{layers}l"
     env = {"EMBEDRUNNER_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
-    build_checkpoint(ckpt, Shape(layers, 4096, 14336, 128256), "bf16", workdir)
+    llama3_checkpoint(ckpt, layers)
     d.wall["build"] = time.perf_counter() - t0
     d.bytes["checkpoint"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     for q in quants:

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.convert_memory import Shape, build_checkpoint
-from bench.corpus import corpus
 from quantize.architectures.nvembed import HEAD, HEAD_TENSORS, NVEmbed
 from quantize.convert import convert, write_head
 from quantize.ladder import quant_path, quantize
 from quantize.progress import Progress
 from runner.engine import Engine
 from runner.latent_attention import LatentAttentionHead
+from tests.corpus import corpus
+from tests.synth import llama3_checkpoint
 
 HIDDEN, FFN, LAYERS = 4096, 14336, 32
 MISTRAL_VOCAB = 32000
@@ -49,7 +49,7 @@ def trunk_q8(workdir: Path, depth: int) -> Path:
     ckpt = out / f"ckpt-{depth}"
     if not (ckpt / "config.json").is_file():
         # Llama-3's tokenizer carries the vocabulary; the embedding lookup's size barely matters to speed.
-        build_checkpoint(ckpt, Shape(depth, HIDDEN, FFN, 128256), "bf16", workdir)
+        llama3_checkpoint(ckpt, depth, hidden=HIDDEN, ffn=FFN)
     f16 = convert(str(ckpt), out, "f16")
     (q8,) = quantize(f16, ["Q8_0"], out, progress=Progress(say=log))
     f16.unlink()

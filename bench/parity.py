@@ -25,8 +25,9 @@ from runner.engine import Engine
 from runner.model import Prompts, ResolvedModel
 from runner.pipeline import Pipeline
 from tests.conftest import TINY, texts
-from tests.nvembed_reference import build_tiny_nvembed, reference_nvembed
-from tests.reference import build_tiny, cosines, reference_embed
+from tests.nvembed_reference import reference_nvembed
+from tests.reference import cosines, reference_embed
+from tests.synth import build_checkpoint
 
 INSTRUCT = "Instruct: {}\nQuery: "
 
@@ -43,7 +44,7 @@ def _ours(gguf: Path, items: list[str], query_task: str | None = None) -> np.nda
 def last_token_rows(work: Path, items: list[str]) -> list[tuple[str, str, np.ndarray]]:
     """The last-token families (Qwen3-Embedding, gte-Qwen2, e5-mistral layouts) against their references."""
     from tests import hf_tokenizers
-    from tests.last_token import LAST_TOKEN, build_tiny_last_token, reference_last_token
+    from tests.last_token import LAST_TOKEN, reference_last_token
 
     tokenizers = {
         "qwen2-eos": functools.partial(hf_tokenizers.qwen2_tokenizer_dir, append_eos=True),
@@ -51,7 +52,7 @@ def last_token_rows(work: Path, items: list[str]) -> list[tuple[str, str, np.nda
     }
     rows = []
     for name, (arch, tok, causal, options) in LAST_TOKEN.items():
-        hf = build_tiny_last_token(work / name, tokenizers[tok](work / f"tok-{name}"), arch, **options)
+        hf = build_checkpoint(work / name, tokenizers[tok](work / f"tok-{name}"), arch, **options)
         ref = reference_last_token(hf, items, causal)
         label = f"tiny {name} ({arch}, {'causal' if causal else 'bidirectional'}, last token, random)"
         for outtype in ("f32", "f16"):
@@ -73,13 +74,13 @@ def main() -> None:
     rows = []
     for name, (arch, tok, options, flags) in TINY.items():
         tok_dir = getattr(hf_tokenizers, f"{tok}_tokenizer_dir")(work / f"tok-{tok}")
-        hf = build_tiny(work / name, tok_dir, arch, **options)
+        hf = build_checkpoint(work / name, tok_dir, arch, **options)
         ref = reference_embed(hf, items)
         for outtype in ("f32", "f16"):
             got = _ours(convert(str(hf), work / f"{name}-gguf", outtype, as_embedder=bool(flags)), items)
             rows.append((f"tiny {name} ({arch}, random)", outtype.upper(), cosines(got, ref)))
     rows += last_token_rows(work, items)
-    nv = build_tiny_nvembed(work / "nvembed", hf_tokenizers.mistral_tokenizer_dir(work / "tok-nvembed"))
+    nv = build_checkpoint(work / "nvembed", hf_tokenizers.mistral_tokenizer_dir(work / "tok-nvembed"), "NVEmbedModel")
     task = "Given a question, retrieve passages that answer the question"
     refs = {"documents": reference_nvembed(nv, items), "queries": reference_nvembed(nv, items, INSTRUCT.format(task))}
     for outtype in ("f32", "f16"):

@@ -3,7 +3,7 @@ sentence-transformers' quantize_embeddings on the same vectors.
 
     python -m bench.precision [--model all-minilm-l6-v2] [--texts 1000] [--calibration 200]
 
-Embeds `bench.corpus` texts (seed 0) once with MODEL (float32, L2-normalised), then quantizes those same
+Embeds `tests.corpus` texts (seed 0) once with MODEL (float32, L2-normalised), then quantizes those same
 vectors to each precision with runner.compact.quantize (what `runner embed --precision` and
 `Embedder.encode(precision=)` write) and with sentence-transformers' quantize_embeddings, and finds each
 text's 10 nearest other texts: by cosine for float32/float16, by Euclidean distance between the integer codes
@@ -22,8 +22,8 @@ import warnings
 
 import numpy as np
 
-from bench.corpus import corpus
 from runner import Embedder, compact
+from tests.corpus import corpus
 
 TOP_K = 10
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         print("| " + " | ".join(cells) + " |")
     print(
         f"\n`python -m bench.precision --texts {args.texts} --calibration {args.calibration}` — {args.model}, "
-        f"{args.texts} texts of `bench.corpus` (seed 0), neighbours against float32's."
+        f"{args.texts} texts of `tests.corpus` (seed 0), neighbours against float32's."
     )
 
 

@@ -2,7 +2,7 @@
 
     python -m bench.profile_cpu GGUF [--texts 200]
 
-Needs Linux `perf` (Debian: linux-perf). Records the embedding of --texts texts of `bench.corpus` in a
+Needs Linux `perf` (Debian: linux-perf). Records the embedding of --texts texts of `tests.corpus` in a
 child process, then prints the share of samples per library (ggml's CPU backend, OpenMP, Python, ...)
 and the hottest places inside ggml's CPU backend. That library is stripped: a place is named by the
 nearest exported symbol below it, and by the SIMD instructions around it, which tell an int8 dot product
@@ -25,7 +25,7 @@ import llama_cpp
 CHILD = """
 import sys
 from pathlib import Path
-from bench.corpus import corpus
+from tests.corpus import corpus
 from runner.engine import Engine
 from runner.pipeline import Pipeline
 with Engine(Path(sys.argv[1])) as engine:

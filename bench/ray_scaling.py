@@ -2,7 +2,7 @@
 
     python -m bench.ray_scaling [--texts 4000] [--model all-minilm-l6-v2] [--shard-rows 500]
 
-Writes --texts texts of bench.corpus to a .txt file, then times (wall clock, one run each, in this order):
+Writes --texts texts of tests.corpus to a .txt file, then times (wall clock, one run each, in this order):
 `runner embed` (one process, all cores), and `runner embed-dataset` on a local Ray cluster with 1 and with
 2 workers of one CPU each (Ray start-up, actor start-up and model loads included, as a user waits for
 them). On a 2-core machine this shows Ray's overhead, not scaling. Prints a markdown table.
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.corpus import corpus
+from tests.corpus import corpus
 
 
 def timed(args: list[str]) -> float:
@@ -47,7 +47,7 @@ def main() -> None:
                              str(workers), "--shard-rows", str(args.shard_rows), "-q"])  # fmt: skip
             rows.append((f"runner embed-dataset, {workers} worker{'s' if workers > 1 else ''}", seconds))
     print(f"`python -m bench.ray_scaling {shlex.join(sys.argv[1:])}`".replace(" `", "`"))
-    print(f"\n{args.texts} texts of bench.corpus, {args.model}, one run each:\n")
+    print(f"\n{args.texts} texts of tests.corpus, {args.model}, one run each:\n")
     print("| run | seconds | texts/s | vs one process |")
     print("|---|---:|---:|---:|")
     base = rows[0][1]

@@ -10,7 +10,7 @@ the ladder does to the trunk with the float32 head after it, not real-model qual
 
 Steps: build a plain HF checkpoint of SmolLM2-135M (tests.real_models.smollm2_hf_dir), convert it to an
 F16 embedder GGUF, quantize it to every quant asked for (default: the whole LADDER), then embed the same
-`bench.corpus` texts with F16 and with each quant, one engine at a time, L2-normalised. Everything is
+`tests.corpus` texts with F16 and with each quant, one engine at a time, L2-normalised. Everything is
 cached in --workdir and reused on the next run (delete the directory to start over).
 
 One row per model file: size in MiB, bits per weight (file bytes * 8 / parameters of the F16 file),
@@ -35,13 +35,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from bench.corpus import corpus
 from quantize.convert import convert
 from quantize.ladder import quant_path, quantize
 from quantize.progress import Progress
 from quantize.quants import LADDER
 from runner.engine import Engine
 from runner.pipeline import Pipeline
+from tests.corpus import corpus
 
 
 def _smollm2(dest: Path) -> None:
@@ -53,12 +53,11 @@ def _smollm2(dest: Path) -> None:
 def _nvembed_shaped(dest: Path) -> None:
     """NV-Embed's layout (Mistral trunk + latent-attention head) at 512 wide, random weights."""
     from tests.hf_tokenizers import mistral_tokenizer_dir
-    from tests.nvembed_reference import build_tiny_nvembed
+    from tests.synth import LatentHead, build_checkpoint
 
     tok = mistral_tokenizer_dir(dest.parent / f".{dest.name}.tokenizer")
-    build_tiny_nvembed(
-        dest, tok, hidden=512, layers=4, heads=8, kv_heads=4, ffn=1536, latents=64, cross_heads=4, cross_dim_head=128
-    )
+    shape = dict(hidden=512, layers=4, heads=8, kv_heads=4, ffn=1536)
+    build_checkpoint(dest, tok, "NVEmbedModel", head=LatentHead(latents=64, cross_heads=4, cross_dim_head=128), **shape)
     shutil.rmtree(tok)
 
 
@@ -188,7 +187,7 @@ def markdown_table(rows: list[Row], command: str, n_texts: int, model: str) -> s
         "|" + "|".join([":---"] + ["---:"] * (len(HEADER) - 1)) + "|",
         *("| " + " | ".join(cells(r)) + " |" for r in rows),
         "",
-        f"`{command}` — {model}, {n_texts} texts from `bench.corpus` (seed 0), cosines against F16.",
+        f"`{command}` — {model}, {n_texts} texts from `tests.corpus` (seed 0), cosines against F16.",
     ]
     return "\n".join(lines)
 

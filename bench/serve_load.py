@@ -2,7 +2,7 @@
 
     python -m bench.serve_load [-m all-minilm-l6-v2] [--clients 64] [--max-texts 1024] [--budget 100]
 
-Runs over the same `bench.corpus` texts (seed 0), one after the other on the same machine:
+Runs over the same `tests.corpus` texts (seed 0), one after the other on the same machine:
 1. offline: `runner embed`'s pipeline in this process (`open_pipeline(...).embed(texts)`), the ceiling;
    measured before the server starts and again after it stops, so a machine whose load drifts (other jobs
    on shared cores) is averaged out;
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.corpus import corpus
+from tests.corpus import corpus
 
 
 def log(msg: str) -> None:
@@ -88,7 +88,7 @@ class Server:
         self.logfile = logfile
         with open(logfile, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "runner.server", "-m", model, "--port", "0", *extra],
+                [sys.executable, "-m", "runner", "serve", "-m", model, "--port", "0", *extra],
                 stdout=subprocess.DEVNULL,
                 stderr=err,
             )
@@ -225,7 +225,7 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
     print(f"python -m bench.serve_load {' '.join(sys.argv[1:])}".rstrip())
     print(
-        f"model {args.model}; {len(texts)} texts of bench.corpus; {cpu}, {os.cpu_count()} cores; "
+        f"model {args.model}; {len(texts)} texts of tests.corpus; {cpu}, {os.cpu_count()} cores; "
         f"load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end\n"
     )
     print("| run | requests | texts | seconds | requests/s | texts/s | p50 ms | p95 ms | p99 ms | errors |")

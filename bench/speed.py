@@ -10,7 +10,7 @@ the mean/min cosine to the float32 reference. For Q8_0 also:
 - "bare decode": the same micro-batches through llama_decode alone (tokenized, packed and copied out
   beforehand), so ours / bare = the Python overhead around llama.cpp;
 - llama-cpp-python's high-level `Llama.embed` on the same texts, the baseline to beat.
-Texts: `bench.corpus` (seed 0), 20-300 tokens. Threads: physical cores for both (torch.set_num_threads).
+Texts: `tests.corpus` (seed 0), 20-300 tokens. Threads: physical cores for both (torch.set_num_threads).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.corpus import corpus
 from quantize.convert import convert
 from quantize.ladder import quant_path, quantize
 from runner.engine import Engine, physical_cores
 from runner.pipeline import Pipeline
+from tests.corpus import corpus
 
 QUANTS = ["F16", "Q8_0", "Q4_K_M"]
 
@@ -196,7 +196,7 @@ def main() -> None:
         files = ggufs(str(hf), work / "smollm2", True, quants)
         rows += run_model("SmolLM2-135M", files, ref, torch_s, texts, args.threads)
     command = shlex.join(["python", "-m", "bench.speed", *sys.argv[1:]])
-    print(f"{len(texts)} texts from bench.corpus, {args.threads} threads: `{command}`")
+    print(f"{len(texts)} texts from tests.corpus, {args.threads} threads: `{command}`")
     print("| model | backend | texts/s | tokens/s | vs PyTorch | cosine to fp32 (mean / min) |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))

@@ -2,7 +2,7 @@
 
     python -m bench.streaming [--small 500] [--large 50000] [--line-bytes 4096] [--max-length 8]
 
-Writes two .txt inputs of --line-bytes per line (sentences from bench.corpus, joined until long enough),
+Writes two .txt inputs of --line-bytes per line (sentences from tests.corpus, joined until long enough),
 then runs `runner embed -m all-minilm-l6-v2 --max-length N --input FILE -o out.npy -q` on each in a fresh
 process and reads that process's VmHWM (peak resident set). The output .npy is assembled through a
 memory map, so its pages count in the peak: the table shows the peak with the output array's bytes taken
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.corpus import corpus
+from tests.corpus import corpus
 
 MIB = 2**20
 DIMS = 384  # all-MiniLM-L6-v2

@@ -13,14 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.synth import LLAMA3_ROPE
+
 DATA = Path(__file__).parent / "data"
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
 # name -> (architecture, tokenizer, build options, convert flags)
 TINY = {
     # llama-embed-nemotron-8b's layout: LlamaBidirectionalModel, Llama-3 BPE, Llama-3.1 rope scaling,
@@ -109,14 +104,15 @@ class TinyModel:
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir):
-    from tests.reference import build_tiny, reference_embed
+    from tests.reference import reference_embed
+    from tests.synth import build_checkpoint
 
     made: dict[str, TinyModel] = {}
 
     def get(name: str) -> TinyModel:
         if name not in made:
             arch, tok, options, flags = TINY[name]
-            hf_dir = build_tiny(tmp_path_factory.mktemp(name) / "hf", tokenizer_dir(tok), arch, **options)
+            hf_dir = build_checkpoint(tmp_path_factory.mktemp(name) / "hf", tokenizer_dir(tok), arch, **options)
             ref = reference_embed(hf_dir, texts("embedding_texts.jsonl"))
             made[name] = TinyModel(name, hf_dir, flags, {}, ref)
         return made[name]
@@ -128,7 +124,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir):
 def tiny_last(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir):
     """Tiny last-token embedders (tests/last_token.py) with their reference vectors; converted with the
     flags that declare their pooling and attention."""
-    from tests.last_token import LAST_TOKEN, build_tiny_last_token, convert_flags, reference_last_token
+    from tests.last_token import LAST_TOKEN, convert_flags, reference_last_token
+    from tests.synth import build_checkpoint
 
     made: dict[str, TinyModel] = {}
 
@@ -139,7 +136,7 @@ def tiny_last(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir):
                 tok_dir = tokenizer_dir(tok)
             except FileNotFoundError as e:  # the Qwen2 vocabulary comes from llama.cpp's sdist
                 pytest.skip(str(e))
-            hf_dir = build_tiny_last_token(tmp_path_factory.mktemp(name) / "hf", tok_dir, arch, **options)
+            hf_dir = build_checkpoint(tmp_path_factory.mktemp(name) / "hf", tok_dir, arch, **options)
             ref = reference_last_token(hf_dir, texts("embedding_texts.jsonl"), causal)
             made[name] = TinyModel(name, hf_dir, convert_flags(name), {}, ref)
         return made[name]

@@ -1,4 +1,5 @@
-"""Last-token embedders: tiny random checkpoints of each family and their transformers float32 reference.
+"""Last-token embedders: the registry's families as tiny checkpoints (tests/synth.py) and their transformers
+float32 reference.
 
 The reference runs the model as its card does: the HF tokenizer's own special tokens (the appended EOS is
 the token that is pooled), right padding, causal attention or a bidirectional mask, the final hidden state
@@ -7,13 +8,12 @@ of each text's last non-padding token, L2 norm.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tests.reference import bidirectional_states, copy_tokenizer, hf_tokenizer
+from tests.reference import bidirectional_states, hf_tokenizer
 
 # name -> (architecture, tokenizer, causal, build options); the layouts of the registry's last-token models.
 LAST_TOKEN = {
@@ -32,60 +32,6 @@ def convert_flags(name: str) -> list[str]:
     arch, _, causal, _ = LAST_TOKEN[name]
     flags = ["--pooling", "last", "--causal" if causal else "--bidirectional"]
     return flags + (["--as-embedder"] if arch.endswith("ForCausalLM") else [])
-
-
-def build_tiny_last_token(
-    dest: Path,
-    tokenizer_dir: Path,
-    architecture: str,
-    *,
-    hidden: int = 256,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    ffn: int = 768,
-    head_dim: int | None = None,
-    seed: int = 0,
-) -> Path:
-    """A random checkpoint of ARCHITECTURE (Qwen2ForCausalLM, Qwen3ForCausalLM or MistralModel), saved as the
-    published ones are (safetensors + config.json + tokenizer), norms and biases randomised so a mis-mapped
-    one shows."""
-    from transformers import MistralConfig, MistralModel, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=len(hf_tokenizer(tokenizer_dir)),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=ffn,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-6,
-        initializer_range=0.05,
-        tie_word_embeddings=False,
-    )
-    if architecture == "Qwen3ForCausalLM":
-        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=head_dim or hidden // heads, rope_theta=1e6))
-    elif architecture == "Qwen2ForCausalLM":
-        model = Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=1e6))
-    elif architecture == "MistralModel":
-        model = MistralModel(MistralConfig(**common, rope_theta=1e4, sliding_window=None))
-    else:
-        raise ValueError(architecture)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.5)
-    model.save_pretrained(dest)
-    config_path = dest / "config.json"
-    config = json.loads(config_path.read_text())
-    config["architectures"] = [architecture]
-    config_path.write_text(json.dumps(config, indent=2))
-    copy_tokenizer(tokenizer_dir, dest)
-    return dest
 
 
 def reference_last_token(model_dir: Path, texts: list[str], causal: bool, batch_size: int = 8) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The independent reference: transformers in float32, bidirectional attention, mean pooling, L2 norm.
 
-Also builds tiny random checkpoints of the exact architectures the converter supports.
+Also the tokenizer as the checkpoints publish it. The checkpoints themselves come from tests/synth.py.
 """
 
 from __future__ import annotations
@@ -13,71 +13,6 @@ import numpy as np
 import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-
-
-def build_tiny(
-    dest: Path,
-    tokenizer_dir: Path,
-    architecture: str,
-    *,
-    hidden: int = 256,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    ffn: int = 768,
-    rope_scaling: dict | None = None,
-    rope_theta: float = 10000.0,
-    legacy_rope_layout: bool = False,
-    seed: int = 0,
-) -> Path:
-    """A random checkpoint of ARCHITECTURE saved as the published models are (safetensors + config.json).
-
-    legacy_rope_layout writes `rope_theta` + `rope_scaling` (transformers 4, the published checkpoints);
-    otherwise config.json keeps transformers 5's `rope_parameters`.
-    """
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        LlamaModel,
-        MistralConfig,
-        MistralModel,
-    )
-
-    vocab = len(hf_tokenizer(tokenizer_dir))
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=ffn,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        initializer_range=0.05,
-        tie_word_embeddings=False,
-    )
-    if architecture == "MistralModel":
-        model = MistralModel(MistralConfig(**common, rope_theta=rope_theta, sliding_window=None))
-    else:
-        rope = {"rope_type": "default", "rope_theta": rope_theta, **(rope_scaling or {})}
-        config = LlamaConfig(**common, rope_parameters=rope)
-        model = LlamaForCausalLM(config) if architecture == "LlamaForCausalLM" else LlamaModel(config)
-    with torch.no_grad():  # norms start at 1.0; randomise them so a mis-mapped norm shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    model.save_pretrained(dest)
-    config_path = dest / "config.json"
-    config = json.loads(config_path.read_text())
-    config["architectures"] = [architecture]
-    if legacy_rope_layout:
-        params = config.pop("rope_parameters")
-        config["rope_theta"] = params.pop("rope_theta")
-        config["rope_scaling"] = params if params.get("rope_type", "default") != "default" else None
-    config_path.write_text(json.dumps(config, indent=2))
-    copy_tokenizer(tokenizer_dir, dest)
-    return dest
 
 
 def copy_tokenizer(src: Path, dest: Path) -> None:

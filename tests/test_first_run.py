@@ -35,10 +35,10 @@ NEMOTRON = "llama-embed-nemotron-8b"
 def ckpt(tmp_path_factory) -> Path:
     """A tiny bidirectional Mistral checkpoint (256 wide, so K-quants need no fallbacks), built once."""
     from tests.hf_tokenizers import mistral_tokenizer_dir
-    from tests.reference import build_tiny
+    from tests.synth import build_checkpoint
 
     root = tmp_path_factory.mktemp("first-run")
-    return build_tiny(root / "ckpt", mistral_tokenizer_dir(root / "tok"), "MistralModel")
+    return build_checkpoint(root / "ckpt", mistral_tokenizer_dir(root / "tok"), "MistralModel")
 
 
 def offline(tmp_path: Path) -> dict[str, str]:

@@ -31,10 +31,12 @@ CRASHES = {134: "abort", 135: "bus error", 136: "floating point exception", 139:
 def small_model(tmp_path_factory, tokenizer_dir) -> Path:
     """A llama-embed model made by our converter (Mistral trunk, 64 wide, 2 layers), its SPM vocabulary cut to
     512 tokens (the 256 byte tokens included): 230 KB, so hundreds of copies load in seconds."""
-    from tests.reference import build_tiny
+    from tests.synth import build_checkpoint
 
     root = tmp_path_factory.mktemp("fuzz")
-    hf = build_tiny(root / "hf", tokenizer_dir("mistral"), "MistralModel", hidden=64, heads=2, kv_heads=1, ffn=128)
+    hf = build_checkpoint(
+        root / "hf", tokenizer_dir("mistral"), "MistralModel", hidden=64, heads=2, kv_heads=1, ffn=128
+    )
     f16 = Path(run_cli("convert", str(hf), "--outdir", str(root / "gguf")).stdout.strip())
     return shrink_vocab(f16, root / "small.gguf", 512)
 

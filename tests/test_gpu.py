@@ -1,5 +1,5 @@
 """GPU offload (skipped without a CUDA build and a GPU): all layers or one layer on the GPU, the vectors still
-match transformers float32. VRAM against the plan is measured by bench/gpu_memory.py, not here."""
+match transformers float32. VRAM against the plan is measured by scripts/gpu-check (tools/gpu_check/vram.py)."""
 
 from __future__ import annotations
 

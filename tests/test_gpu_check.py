@@ -1,4 +1,4 @@
-"""scripts/gpu-check on CPU: the pack, its offline install, the 8B-shaped file writer and the report (issue 13)."""
+"""scripts/gpu-check on CPU: the pack, its offline install, the 8B-shaped file writer and the report."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import gpu_check
-from bench.gpu_memory import cut_layers, synthesize
+from tests.synth import cut_layers, synthesize
+from tools.gpu_check import PACK, pack, report
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def test_dry_run(tmp_path: Path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["fabricated"] and [s["status"] for s in results["steps"]] == ["ok"] * len(results["steps"])
     assert "skipped" in results["pytest"] and "passed" not in results["pytest"], results["pytest"]
-    manifest = json.loads((gpu_check.PACK / "manifest.json").read_text())
+    manifest = json.loads((PACK / "manifest.json").read_text())
     assert manifest["bytes"] <= 60 * 2**20
     report = (out / "report.md").read_text()
     assert "FABRICATED" in report and "all steps passed" in report
@@ -64,7 +64,7 @@ def test_dry_run(tmp_path: Path) -> None:
     ],
 )
 def test_sdist_trim(member: str, kept: bool) -> None:
-    assert gpu_check.keep_in_sdist(member) is kept
+    assert pack.keep_in_sdist(member) is kept
 
 
 def test_synthesized_files_are_what_the_planner_predicts(tmp_path: Path, tiny) -> None:
@@ -92,11 +92,11 @@ def test_synthesized_files_are_what_the_planner_predicts(tmp_path: Path, tiny) -
 
 
 def test_report_names_the_failed_step() -> None:
-    results = dict(gpu_check.fabricated_results(), fabricated=False, started="now", deadline_s=540.0)
+    results = dict(report.fabricated_results(), fabricated=False, started="now", deadline_s=540.0)
     results["steps"] = [
         dict(name="dependencies from the pack", budget_s=120, status="ok", seconds=8.0, note=""),
         dict(name="llama-cpp-python CUDA build", budget_s=360, status="failed", seconds=360.0, note="ran over 360 s"),
     ]
-    report = gpu_check.render_report(results)
-    assert "**FAILED at `llama-cpp-python CUDA build`**" in report and "ran over 360 s" in report
-    assert "FABRICATED" not in report.splitlines()[0]
+    text = report.render_report(results)
+    assert "**FAILED at `llama-cpp-python CUDA build`**" in text and "ran over 360 s" in text
+    assert "FABRICATED" not in text.splitlines()[0]

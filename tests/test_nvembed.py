@@ -20,10 +20,10 @@ INSTRUCTION = f"Instruct: {TASK}\nQuery: "
 
 @pytest.fixture(scope="module")
 def nvembed(tmp_path_factory, tokenizer_dir):
-    from tests.nvembed_reference import build_tiny_nvembed
+    from tests.synth import build_checkpoint
 
     root = tmp_path_factory.mktemp("nvembed")
-    hf = build_tiny_nvembed(root / "hf", tokenizer_dir("mistral"))
+    hf = build_checkpoint(root / "hf", tokenizer_dir("mistral"), "NVEmbedModel")
     ggufs = {
         t: Path(run_cli("convert", str(hf), "--outdir", str(root / "gguf"), "--outtype", t).stdout.strip())
         for t in ("f32", "f16")
@@ -103,11 +103,10 @@ def test_quantized_trunk_shares_the_head(nvembed, references, tmp_path):
 
 
 def test_missing_head_tensor_is_one_line_error(tmp_path, tokenizer_dir):
-    from tests.nvembed_reference import build_tiny_nvembed
+    from tests.synth import build_checkpoint
 
-    hf = build_tiny_nvembed(
-        tmp_path / "hf", tokenizer_dir("mistral"), layers=1, drop=("cross_attend_blocks.0.fn.to_kv.weight",)
-    )
+    drop = ("latent_attention_model.cross_attend_blocks.0.fn.to_kv.weight",)
+    hf = build_checkpoint(tmp_path / "hf", tokenizer_dir("mistral"), "NVEmbedModel", layers=1, drop=drop)
     proc = run_cli("convert", str(hf), "--outdir", str(tmp_path / "out"), check=False)
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1
@@ -116,10 +115,10 @@ def test_missing_head_tensor_is_one_line_error(tmp_path, tokenizer_dir):
 
 
 def test_head_from_another_conversion_is_refused(nvembed, tmp_path, tokenizer_dir):
-    from tests.nvembed_reference import build_tiny_nvembed
+    from tests.synth import build_checkpoint
 
     _, ggufs = nvembed
-    other = build_tiny_nvembed(tmp_path / "hf", tokenizer_dir("mistral"), layers=1, seed=1)
+    other = build_checkpoint(tmp_path / "hf", tokenizer_dir("mistral"), "NVEmbedModel", layers=1, seed=1)
     run_cli("convert", str(other), "--outdir", str(tmp_path / "other"))
     mixed = tmp_path / "mixed"
     mixed.mkdir()

@@ -164,10 +164,11 @@ def test_a_corrupt_head_is_not_retried_and_frees_the_model(tmp_path, tokenizer_d
     from quantize.convert import convert
     from quantize.errors import CorruptModelFile
     from runner.engine import open_engine
-    from tests.nvembed_reference import build_tiny_nvembed
+    from tests.synth import build_checkpoint
 
-    one = convert(str(build_tiny_nvembed(tmp_path / "a", tokenizer_dir("mistral"), layers=1)), tmp_path / "ga")
-    two = convert(str(build_tiny_nvembed(tmp_path / "b", tokenizer_dir("mistral"), layers=1, seed=1)), tmp_path / "gb")
+    tok = tokenizer_dir("mistral")
+    one = convert(str(build_checkpoint(tmp_path / "a", tok, "NVEmbedModel", layers=1)), tmp_path / "ga")
+    two = convert(str(build_checkpoint(tmp_path / "b", tok, "NVEmbedModel", layers=1, seed=1)), tmp_path / "gb")
     shutil.copy(two.parent / "b.head.gguf", one.parent / "a.head.gguf")
     freed = []
     real_free = llama_cpp.llama_model_free

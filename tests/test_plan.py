@@ -204,10 +204,10 @@ def q8_models(tiny, tokenizer_dir, tmp_path_factory):
     """Q8_0 files of the tiny nemotron (Llama-3 vocabulary) and of a tiny NV-Embed (numpy head in RAM)."""
     from quantize.convert import convert
     from quantize.ladder import quantize
-    from tests.nvembed_reference import build_tiny_nvembed
+    from tests.synth import build_checkpoint
 
     root = tmp_path_factory.mktemp("nvembed-rss")
-    nv = convert(str(build_tiny_nvembed(root / "hf", tokenizer_dir("mistral"))), root / "gguf", "f16")
+    nv = convert(str(build_checkpoint(root / "hf", tokenizer_dir("mistral"), "NVEmbedModel")), root / "gguf", "f16")
     return {
         name: quantize(f16, ["Q8_0"])[0] for name, f16 in (("nemotron", tiny("nemotron").gguf("f16")), ("nvembed", nv))
     }

@@ -1,4 +1,4 @@
-"""Deterministic synthetic text corpus for embedder benchmarks.
+"""Deterministic synthetic text corpus for the benches and the GPU check.
 
 Texts are built from hand-written seed sentences grouped by topic, so texts
 drawn from the same topic are semantically related and nearest-neighbour

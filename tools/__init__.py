@@ -1,0 +1,1 @@
+"""Tools that build and check the project on other machines (not shipped with the package)."""
