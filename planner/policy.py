@@ -152,10 +152,19 @@ def evaluate(shape: ModelShape, quant: str, hw: Hardware, s: Settings) -> Row:
         return n if ok else None
 
     if gpus:
-        for count in range(shape.layers, 0, -1):
-            layers = split_layers(count, free)
-            if (n := fits(layers)) is not None:
-                return Row(quant, "gpu" if count == shape.layers else "split", layers, n)
+        # GPU bytes grow with the layers put there and RAM bytes shrink, so the most layers the GPUs hold is
+        # found by halving, and it fits or no count does (one count at a time, a 512-layer model took minutes).
+        low, high = 0, shape.layers  # the GPUs hold `low` layers; more than `high` they do not
+        while low < high:
+            mid = (low + high + 1) // 2
+            on_gpus = needs(shape, quant, s, split_layers(mid, free)).gpu
+            if all(need <= f for need, f in zip(on_gpus, free, strict=True)):
+                low = mid
+            else:
+                high = mid - 1
+        layers = split_layers(low, free)
+        if low and (n := fits(layers)) is not None:
+            return Row(quant, "gpu" if low == shape.layers else "split", layers, n)
     if (n := fits(tuple(0 for _ in gpus))) is not None:
         return Row(quant, "cpu", (), n)
     return Row(quant, "no", (), needs(shape, quant, s))

@@ -96,6 +96,22 @@ def test_a_quant_replanned_for_the_cpu_is_not_left_marked_split() -> None:
     assert {r.fits for r in p.rows if r.quant != "Q3_K_L"} == {"split"}  # the others: where --quant would put them
 
 
+def test_the_most_gpu_layers_is_found_in_few_tries(monkeypatch) -> None:
+    """A 512-layer model (the most a config.json or GGUF may declare) on a small GPU: the split is found by
+    halving, not by trying every count (which took minutes per quant)."""
+    from planner import policy
+    from planner.shapes import from_config
+    from tests.config_fuzz import MISTRAL
+
+    shape = from_config("deep", MISTRAL | {"num_hidden_layers": 512, "hidden_size": 1024, "intermediate_size": 4096})
+    calls = []
+    monkeypatch.setattr(policy, "needs", lambda *a: calls.append(a) or needs(*a))
+    row = policy.evaluate(shape, "Q8_0", machine([2]), Settings(512))
+    assert row.fits == "split" and 0 < row.n_gpu_layers < 512 and len(calls) <= 12, (row.gpu_layers, len(calls))
+    more = needs(shape, "Q8_0", Settings(512), (row.n_gpu_layers + 1,))
+    assert more.gpu_total > 2 * GIB  # one layer more does not fit: it is the most
+
+
 def test_a_build_that_cannot_offload_plans_the_cpu_and_says_how_to_rebuild() -> None:
     """--vram says what the GPU holds; whether layers can go there is the llama.cpp build's (Hardware.offload)."""
     shape = resolve_shape("llama-embed-nemotron-8b")
