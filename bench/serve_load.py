@@ -88,7 +88,7 @@ class Server:
         self.logfile = logfile
         with open(logfile, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "runner.server", "-m", model, "--port", "0", *extra],
+                [sys.executable, "-m", "runner", "serve", "-m", model, "--port", "0", *extra],
                 stdout=subprocess.DEVNULL,
                 stderr=err,
             )

@@ -4,7 +4,10 @@ llama.cpp is not thread-safe, so one worker thread owns the pipeline: it loads t
 request (each on its own, so one bad request fails alone) and packs the tokens of all waiting requests into
 one `Pipeline.vectors` call of at most `max_batch_tokens`, then hands each request its rows. Requests that
 arrive while the engine is busy wait and go together into the next call: 64 clients sending one text each
-cost about what one client sending 64 does.
+cost about what one client sending 64 does. A request's future stays cancellable until its engine call
+starts, so the work of a client that hung up is dropped, not embedded.
+
+No HTTP here: the server maps what this raises to statuses (runner.serve.protocol.STATUS).
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from quantize.errors import EngineError
 
 # OpenAI numbers inputs from 0 (data[].index); the pipeline names input first_index + i + 1.
 FIRST_INDEX = -1
@@ -47,10 +52,10 @@ class QueueFull(Exception):
 
 
 class NotReady(Exception):
-    """The model is still loading (or failed to load)."""
+    """The model is still loading, failed to load, the engine stopped, or the server is shutting down."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One request: its texts (or token ids) and how to tokenize them; the result arrives in `future`."""
 
@@ -81,8 +86,10 @@ class BatchEvent:
 class Batcher:
     """The engine worker. `submit` from any thread; the worker thread does everything that touches llama.cpp.
 
-    LOAD opens the pipeline (in the worker thread, which then owns it). ON_LOADED(pipeline) or
-    ON_FAILED(exception) tell the server how loading went; ON_BATCH(BatchEvent) reports each engine call.
+    LOAD opens the pipeline (in the worker thread, which then owns it). ON_LOADED(pipeline) says it is ready;
+    ON_FAILED(exception) that it failed to load, or that the engine thread died later (anything it raised,
+    BaseException included: a panic in the tokenizer's Rust code is one) — then every request admitted gets
+    an EngineError and the server should exit. ON_BATCH(BatchEvent) reports each engine call.
     """
 
     def __init__(
@@ -101,10 +108,11 @@ class Batcher:
         self._on_loaded, self._on_failed, self._on_batch = on_loaded, on_failed, on_batch
         self.pipeline = None
         self.load_error: BaseException | None = None
+        self.crash: BaseException | None = None  # what killed the engine thread after loading
         self.ready = threading.Event()
         self._cond = threading.Condition()
         self._waiting: list[Job] = []
-        self._admitted = 0  # requests accepted and not yet answered: what --max-queue bounds
+        self._admitted: set[Future] = set()  # accepted and not yet answered: what --max-queue bounds
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -114,26 +122,45 @@ class Batcher:
 
     @property
     def in_flight(self) -> int:
-        return self._admitted
+        return len(self._admitted)
+
+    @property
+    def state(self) -> str:
+        """'loading', 'ready', or why it serves nothing: 'failed' (to load) or 'stopped' (the engine died)."""
+        if self.ready.is_set():
+            return "ready"
+        if self.load_error is not None:
+            return "failed"
+        return "stopped" if self.crash is not None else "loading"
+
+    def check_ready(self) -> None:
+        """A NotReady saying why, unless the model is loaded and the engine running."""
+        if not self.ready.is_set():
+            raise NotReady(
+                {
+                    "loading": "the model is still loading",
+                    "failed": "the model failed to load",
+                    "stopped": "the engine stopped; the server is exiting",
+                }[self.state]
+            )
 
     def submit(self, job: Job) -> Future:
         """Queue JOB; its future gets a Result, or the BadInput/EngineError that failed it."""
-        if not self.ready.is_set():
-            raise NotReady("the model is still loading" if self.load_error is None else "the model failed to load")
+        self.check_ready()
         with self._cond:
             if self._stopping:
                 raise NotReady("the server is shutting down")
-            if self._admitted >= self.max_queue:
-                raise QueueFull(f"{self._admitted} requests in flight, the limit of --max-queue {self.max_queue}")
-            self._admitted += 1
+            if len(self._admitted) >= self.max_queue:
+                raise QueueFull(f"{len(self._admitted)} requests in flight, the limit of --max-queue {self.max_queue}")
+            self._admitted.add(job.future)
             self._waiting.append(job)
             self._cond.notify()
         job.future.add_done_callback(self._release)
         return job.future
 
-    def _release(self, _: Future) -> None:
+    def _release(self, future: Future) -> None:
         with self._cond:
-            self._admitted -= 1
+            self._admitted.discard(future)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish what was submitted, then close the pipeline. A worker still loading is left behind."""
@@ -155,8 +182,23 @@ class Batcher:
         self.ready.set()
         try:
             self._loop()
+        except BaseException as e:  # the engine thread is dying: nobody would ever answer what is admitted
+            self._fail_all(e)
         finally:
             self.pipeline.close()
+
+    def _fail_all(self, cause: BaseException) -> None:
+        self.crash = cause
+        self.ready.clear()
+        with self._cond:
+            self._stopping = True
+            self._waiting = []
+            admitted = list(self._admitted)
+        why = (str(cause).splitlines() or [""])[0][:200]
+        error = EngineError(f"the engine stopped ({type(cause).__name__}: {why}); the server is exiting")
+        for future in admitted:
+            _settle(future.set_exception, error)
+        self._on_failed(cause)
 
     def _loop(self) -> None:
         tokenized: deque = deque()  # (job, Tokenized) in arrival order, waiting for an engine call
@@ -168,15 +210,20 @@ class Batcher:
                     return
                 arrived, self._waiting = self._waiting, []
             for job in arrived:
-                if not job.future.set_running_or_notify_cancel():
+                if job.future.cancelled():
                     continue  # the client went away before its turn
                 try:
                     tokenized.append((job, self._tokenize(job)))
                 except Exception as e:  # BadInput: this request's 400; the others go on
-                    job.future.set_exception(e)
+                    _settle(job.future.set_exception, e)
+            # Requests whose clients hung up while they waited for the engine leave the queue unembedded.
+            tokenized = deque(item for item in tokenized if not item[0].future.cancelled())
             n = next_batch([tok.tokens for _, tok in tokenized], self.max_batch_tokens)
-            if n:
-                self._embed([tokenized.popleft() for _ in range(n)])
+            # From here a future can no longer be cancelled: its engine call is starting.
+            batch = [tokenized.popleft() for _ in range(n)]
+            batch = [(job, tok) for job, tok in batch if job.future.set_running_or_notify_cancel()]
+            if batch:
+                self._embed(batch)
 
     def _tokenize(self, job: Job):
         pipe = self.pipeline
@@ -204,3 +251,11 @@ class Batcher:
         for job, tok in batch:
             job.future.set_result(Result(vectors[row : row + len(tok)], tok.tokens, tok.truncated))
             row += len(tok)
+
+
+def _settle(set_outcome: Callable[[BaseException], None], error: BaseException) -> None:
+    """Fail a future that its client may have cancelled meanwhile (then there is nobody to tell)."""
+    try:
+        set_outcome(error)
+    except InvalidStateError:
+        pass
