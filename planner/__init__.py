@@ -3,12 +3,13 @@
 Pure and llama.cpp-free (a test holds it to that): shapes (planner.shapes, from the model family classes),
 GGUF sizes (quantize.sizes), the memory model (planner.memory), batching (planner.batching) and the policy
 (planner.policy) are plain functions of plain data. The edges, each patched by tests: the hardware probe
-(planner.hardware: GPUs, RAM, cores), the filesystem (GGUF headers and the models home, read by planner.shapes
-and planner.disk; free space, planner.disk.volume), the Hugging Face hub and cache (planner.disk's download
-listing, planner.shapes.hub_config) and this CPU's calibration (planner.calibration).
+(planner.hardware: GPUs, RAM, cores, whether this llama.cpp build can offload), the filesystem (GGUF headers
+and the models home, read by planner.shapes and planner.disk; free space, planner.disk.volume), the Hugging
+Face hub and cache (planner.disk's download listing, planner.shapes.hub_config) and this CPU's calibration
+(planner.calibration).
 
 >>> from planner import HardwareOptions, plan_for
->>> plan_for("llama-embed-nemotron-8b", options=HardwareOptions(vram="12GiB", ram="32GiB")).chosen.quant
+>>> plan_for("llama-embed-nemotron-8b", options=HardwareOptions(vram="12GiB", ram="32GiB")).chosen.quant  # CUDA build
 'Q8_0'
 """
 
