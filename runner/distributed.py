@@ -8,15 +8,18 @@ Two pieces:
                      num_gpus=0, batch_size=256)
 
 - `embed_dataset`, behind `runner embed-dataset`: the input (parquet, jsonl or txt files; paths, globs or
-  object-store URIs as pyarrow/Ray read them) is cut into shards of fixed row ranges on the driver; each
-  shard is read, embedded and written to `OUTPUT_DIR/part-NNNNN.parquet` (atomically) by one actor call,
-  so a rerun skips the shards already complete, and a killed actor's shard is simply done again by its
-  restarted replacement: every row lands exactly once.
+  object-store URIs as pyarrow/Ray read them) is read once on the driver by the same reader as `runner embed`
+  (runner/inputs.py: a bad row stops the job there, naming it) and cut into shards of fixed row ranges; each
+  shard is read, embedded and written to `OUTPUT_DIR/part-NNNNN.parquet` (atomically) by one actor call, the
+  part's metadata naming the run and the digest of the shard's input rows. A killed actor's shard is simply
+  done again by its restarted replacement: every row lands exactly once.
 
-The GGUF is resolved (converted or quantized if missing) once on the driver; actors get its path and plan
-only its placement on their own device (Ray sets CUDA_VISIBLE_DEVICES), so they never convert at once.
-For a multi-node cluster, the GGUF and OUTPUT_DIR must be at the same path on every node (a shared
-filesystem), or OUTPUT_DIR an object-store URI.
+A job locks OUTPUT_DIR and records what made it in `OUTPUT_DIR/_run.json` (the model's sha256, the options,
+the inputs): a rerun with the same ones writes only the shards whose part is missing or does not verify, any
+other rerun is refused unless --overwrite. The GGUF is resolved (converted or quantized if missing) once on
+the driver; actors get its path and plan only its placement on their own device (Ray sets
+CUDA_VISIBLE_DEVICES), so they never convert at once. For a multi-node cluster, the GGUF and OUTPUT_DIR must
+be at the same path on every node (a shared filesystem).
 """
 
 from __future__ import annotations
@@ -24,21 +27,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
-import os
+import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from planner import HardwareOptions
-from quantize.errors import BadInput
+from quantize import errors as errors_module
+from quantize.errors import BadInput, EngineError, UserError
+from quantize.files import atomic_path, write_text_atomic
+from quantize.manifest import content_sha256
+from runner.inputs import INPUT_SUFFIXES, count_texts, line_starts, read_records
 
 log = logging.getLogger("runner")
-INPUT_SUFFIXES = (".parquet", ".jsonl", ".txt")
 
 
 def _threads_for_actor() -> int | None:
@@ -96,7 +102,12 @@ class RayEmbedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.column not in batch:
             raise BadInput(f"no column {self.column!r} in the dataset (columns: {', '.join(batch)}); pass column=")
-        vectors, cut = self.embed([str(t) for t in batch[self.column]])
+        texts = list(batch[self.column])
+        for k, text in enumerate(texts):  # a null or a number is no text: never embed its str()
+            if not isinstance(text, str) or not text.strip():
+                found = "blank" if isinstance(text, str) else f"{type(text).__name__} {text!r}"
+                raise BadInput(f"column {self.column!r}, row {k + 1} of the batch: {found}, not a text")
+        vectors, cut = self.embed(texts)
         out = dict(batch)
         out[self.output_column] = vectors
         if self.truncated_column:
@@ -105,14 +116,35 @@ class RayEmbedder:
 
 
 # --- runner embed-dataset ----------------------------------------------------------------------------------
+RUN_FILE = "_run.json"  # what made OUTPUT_DIR's parts: the model's sha256, the options, the inputs
+_PART = re.compile(r"part-\d{5,}\.parquet")
+_PART_TEMPS = ".part-*.parquet.partial-*"  # quantize.files.atomic_path's temp names for a part
+_SHARD_KEY = b"embedrunner.shard"  # a part's parquet schema metadata: its run, shard and input digest
+# Each field of RUN_FILE and the option that sets it, for the line that refuses a folder made otherwise.
+_RUN_OPTIONS = {
+    "model": "model file (-m/--quant)",
+    "inputs": "INPUTS",
+    "column": "--column",
+    "id_column": "--id-column",
+    "shard_rows": "--shard-rows",
+    "errors": "--errors",
+    "query": "--query/--document",
+    "task": "--task",
+    "max_length": "--max-length",
+}
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_EXCEPTION_LINE = re.compile(r"([A-Za-z_][\w.]*): (.+)")  # `quantize.errors.BadInput: a.jsonl:3: ...` in a traceback
+
+
 @dataclass(frozen=True)
 class Shard:
     index: int
     file: str
-    start: int  # first row (parquet) or line (jsonl/txt) of FILE in this shard
+    start: int  # first row (parquet) or line (jsonl/txt) of FILE in this shard, from 0
     stop: int
     first_id: int  # the row number of the shard's first row across all inputs
     offset: int = 0  # jsonl/txt: the byte where line START begins, so a worker seeks instead of scanning
+    digest: str = ""  # sha256 of the shard's input rows (ids and texts), once read
 
 
 def list_inputs(inputs: list[str]) -> list[str]:
@@ -135,41 +167,12 @@ def list_inputs(inputs: list[str]) -> list[str]:
     return files
 
 
-def _open(path: str):
-    """A seekable binary file for a local path or an object-store URI (pyarrow's filesystems, as Ray's)."""
-    if "://" not in path:
-        return open(path, "rb")
-    import pyarrow.fs
-
-    fs, inner = pyarrow.fs.FileSystem.from_uri(path)
-    return fs.open_input_file(inner)
-
-
-def line_starts(path: str, every: int) -> tuple[int, list[int]]:
-    """(lines in PATH, byte offset of lines 0, EVERY, 2 x EVERY, ...): one block-wise pass, no decoding."""
-    offsets, n, pos, last = [0], 0, 0, b"\n"
-    with _open(path) as f:
-        while block := f.read(1 << 24):
-            newlines = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)  # vectorised: corpora are big
-            # Line n + j + 1 starts after newline j; keep those that start a shard.
-            ends = np.arange(n + 1, n + 1 + len(newlines))
-            offsets += (pos + newlines[ends % every == 0] + 1).tolist()
-            n += len(newlines)
-            pos += len(block)
-            last = block[-1:]
-    lines = n + (last != b"\n" and pos > 0)
-    return lines, offsets[: -(-lines // every)] if lines else []
-
-
 def plan_shards(files: list[str], shard_rows: int) -> list[Shard]:
     """Fixed row ranges of every input, in order: the unit a worker reads, embeds and writes."""
     shards, first_id = [], 0
     for path in files:
         if path.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            with _open(path) as f:
-                rows = pq.ParquetFile(f).metadata.num_rows
+            rows = count_texts(path) or 0
             offsets = [0] * -(-rows // shard_rows)
         else:
             rows, offsets = line_starts(path, shard_rows)
@@ -180,130 +183,184 @@ def plan_shards(files: list[str], shard_rows: int) -> list[Shard]:
     return shards
 
 
-def read_shard(shard: Shard, column: str, id_column: str | None) -> tuple[list[object], list[str]]:
-    """(ids, texts) of SHARD's rows. Ids: ID_COLUMN's values, else the row (line) number across all inputs;
-    blank lines of jsonl/txt are not rows (their numbers are skipped)."""
-    ids: list[object] = []
+def read_shard(shard: Shard, column: str, id_column: str | None, errors: str = "strict") -> tuple[list, list[str]]:
+    """(ids, texts) of SHARD's rows, read by the one input reader (runner.inputs) as `runner embed` reads them.
+    Ids: ID_COLUMN's values, else the row's number across all inputs."""
+    ids: list[int | str] = []
     texts: list[str] = []
-    if shard.file.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        with _open(shard.file) as f:
-            pf = pq.ParquetFile(f)
-            names = pf.schema_arrow.names
-            for name, option in ((column, "--column"), (id_column, "--id-column")):
-                if name and name not in names:
-                    raise BadInput(f"{shard.file}: no column {name!r}; choose it with {option}")
-            # Only the row groups that overlap the shard.
-            groups, first, row = [], None, 0
-            for g in range(pf.metadata.num_row_groups):
-                n = pf.metadata.row_group(g).num_rows
-                if row < shard.stop and row + n > shard.start:
-                    groups.append(g)
-                    first = row if first is None else first
-                row += n
-            table = pf.read_row_groups(groups, columns=[column] + ([id_column] if id_column else []))
-        part = table.slice(shard.start - (first or 0), shard.stop - shard.start)
-        texts = [str(t) for t in part.column(column).to_pylist()]
-        ids = (
-            part.column(id_column).to_pylist()
-            if id_column
-            else list(range(shard.first_id, shard.first_id + len(texts)))
-        )
-        return ids, texts
-    jsonl = shard.file.endswith(".jsonl")
-    with _open(shard.file) as f:
-        f.seek(shard.offset)
-        for n, line in enumerate(_lines(f), shard.start):
-            if n >= shard.stop:
-                break
-            text = line.decode("utf-8", "replace").rstrip("\r\n")
-            if not text.strip():
-                continue
-            row_id: object = shard.first_id + n - shard.start
-            if jsonl:
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise BadInput(f"{shard.file}:{n + 1}: not valid JSON ({e.msg})") from None
-                if isinstance(obj, str):
-                    text = obj
-                elif isinstance(obj, dict) and isinstance(obj.get(column), str):
-                    text = obj[column]
-                    if id_column:
-                        if id_column not in obj:
-                            raise BadInput(f"{shard.file}:{n + 1}: no field {id_column!r}; choose it with --id-column")
-                        row_id = obj[id_column]
-                else:
-                    raise BadInput(f"{shard.file}:{n + 1}: no string field {column!r}; choose it with --column")
-            ids.append(row_id)
-            texts.append(text)
+    records = read_records(shard.file, column, id_column, errors=errors, start=shard.start, stop=shard.stop,
+                           offset=shard.offset, option="--column")  # fmt: skip
+    for k, (row_id, text) in enumerate(records):
+        ids.append(shard.first_id + k if row_id is None else row_id)
+        texts.append(text)
+    if len(texts) != shard.stop - shard.start:
+        raise _changed(shard)
     return ids, texts
 
 
-def _lines(f) -> Iterator[bytes]:
-    rest = b""
-    while block := f.read(1 << 20):
-        rest += block
-        *lines, rest = rest.split(b"\n")
-        yield from lines
-    if rest:
-        yield rest
+def _changed(shard: Shard) -> BadInput:
+    return BadInput(f"{shard.file}: changed while the job ran (rows {shard.start + 1} to {shard.stop}); run it again")
+
+
+def rows_digest(ids: list, texts: list[str]) -> str:
+    """sha256 of a shard's input rows: what its part must record to be trusted by a rerun."""
+    h = hashlib.sha256()
+    for row_id, text in zip(ids, texts, strict=True):
+        h.update(json.dumps([row_id, text]).encode() + b"\n")
+    return h.hexdigest()
+
+
+def check_inputs(shards: list[Shard], column: str, id_column: str | None, errors: str, progress: bool) -> list[Shard]:
+    """SHARDS with their digests, every row read once here, before any worker starts: a missing column, a blank,
+    null or non-string cell, bytes that are not UTF-8 or ids of mixed types are one line naming the file and the
+    row, not a worker's traceback an hour into the job."""
+    from tqdm import tqdm
+
+    checked, first_id = [], None
+    total = sum(s.stop - s.start for s in shards)
+    with tqdm(total=total, unit="row", desc="reading inputs", disable=not progress) as bar:
+        for s in shards:
+            ids, texts = read_shard(s, column, id_column, errors)
+            for k, row_id in enumerate(ids if id_column else ()):  # one id type: parts are one dataset
+                if first_id is None:
+                    first_id = (row_id, _where(s, 0))
+                elif type(row_id) is not type(first_id[0]):
+                    raise BadInput(
+                        f"{_where(s, k)}: id {row_id!r} is {_kind(row_id)}, the id at {first_id[1]} "
+                        f"{_kind(first_id[0])}; ids must be all integers or all strings"
+                    )
+            checked.append(dataclasses.replace(s, digest=rows_digest(ids, texts)))
+            bar.update(len(texts))
+    return checked
+
+
+def _where(shard: Shard, k: int) -> str:
+    n = shard.start + k + 1
+    return f"{shard.file}: row {n}" if shard.file.endswith(".parquet") else f"{shard.file}:{n}"
+
+
+def _kind(value: object) -> str:
+    return "an integer" if isinstance(value, int) else "a string"
+
+
+def run_record(files: list[str], gguf: Path, **options: object) -> dict:
+    """RUN_FILE's content: what a rerun into the same folder must share (the rows themselves are checked shard by
+    shard, by digest)."""
+    inputs = [f if "://" in f else str(Path(f).resolve()) for f in files]
+    return {"model": {"file": gguf.name, "sha256": content_sha256(gguf)}, "inputs": inputs, **options}
+
+
+def _run_key(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _show(value: object) -> str:
+    if isinstance(value, dict) and "file" in value:
+        return f"{value['file']} {str(value.get('sha256'))[:12]}"
+    if isinstance(value, list):
+        return f"{len(value)} files from {value[0]}" if value else "none"
+    return json.dumps(value)
+
+
+def prepare_output(out: Path, record: dict, overwrite: bool) -> None:
+    """Make OUT ready for the run RECORD describes; called under OUT's lock.
+
+    A folder made by another run (another model, options or inputs) is refused naming what differs, or with
+    OVERWRITE emptied of this tool's files (its parts, RUN_FILE); other files are left alone. Temp files of
+    parts are removed: the lock says no writer of this folder is left.
+    """
+    run = out / RUN_FILE
+    parts = [p for p in out.iterdir() if _PART.fullmatch(p.name)] if out.is_dir() else []
+    fix = "choose a new output folder or pass --overwrite"
+    if overwrite:
+        for p in parts:
+            p.unlink()
+        run.unlink(missing_ok=True)
+    elif run.exists():
+        try:
+            made = json.loads(run.read_text())
+            made = made if isinstance(made, dict) else {}
+        except (OSError, ValueError):
+            raise BadInput(f"{run}: not readable as a run record; {fix}") from None
+        for key, option in _RUN_OPTIONS.items():
+            if made.get(key) != record[key]:
+                raise BadInput(
+                    f"{out}: made by a run with another {option} ({_show(made.get(key))}, now {_show(record[key])}); "
+                    f"{fix}"
+                )
+    elif parts:
+        raise BadInput(f"{out}: holds part files but no {RUN_FILE} saying what made them; {fix}")
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob(_PART_TEMPS):
+        tmp.unlink(missing_ok=True)
+    if not run.exists():
+        write_text_atomic(run, json.dumps(record, indent=2) + "\n")
 
 
 def shard_path(output_dir: str, index: int) -> str:
     return f"{output_dir.rstrip('/')}/part-{index:05d}.parquet"
 
 
-def _exists(path: str) -> bool:
-    if "://" not in path:
-        return Path(path).is_file()
-    import pyarrow.fs
-
-    fs, inner = pyarrow.fs.FileSystem.from_uri(path)
-    return fs.get_file_info(inner).type == pyarrow.fs.FileType.File
+def _shard_metadata(shard: Shard, key: str) -> dict:
+    return {"run": key, "shard": shard.index, "start": shard.start, "stop": shard.stop, "digest": shard.digest}
 
 
-def _write_table(table, path: str) -> None:
-    """Write TABLE to PATH so that a crash never leaves a file that looks complete (temp name, then rename)."""
-    import pyarrow.fs
+def part_complete(path: Path, shard: Shard, key: str) -> bool:
+    """Whether PATH holds SHARD's vectors from this run: it opens as parquet, its metadata names this run, this
+    shard and the digest of the shard's input rows, and it has a row for each. Anything else (garbage, a file cut
+    short, another run's or shard's part, a part of other input rows) is done again, never trusted."""
     import pyarrow.parquet as pq
 
-    fs, inner = pyarrow.fs.FileSystem.from_uri(path) if "://" in path else (pyarrow.fs.LocalFileSystem(), path)
-    tmp = f"{inner}.partial-{os.getpid()}"
-    pq.write_table(table, tmp, filesystem=fs)
-    fs.move(tmp, inner)
+    try:
+        pf = pq.ParquetFile(path)
+        found = json.loads(pf.schema_arrow.metadata[_SHARD_KEY])
+        return found == _shard_metadata(shard, key) and pf.metadata.num_rows == shard.stop - shard.start
+    except (OSError, ValueError, KeyError, TypeError):  # pyarrow's errors are OSError and ValueError
+        return False
+
+
+def write_part(output_dir: str, shard: Shard, key: str, ids: list, vectors: np.ndarray, cut: list[bool]) -> None:
+    """SHARD's `part-NNNNN.parquet` (id, embedding, truncated), with the metadata `part_complete` checks; written
+    under a temp name, fsynced and renamed, so a part that is there is whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+    table = pa.table(
+        {
+            "id": pa.array(ids),
+            "embedding": pa.FixedSizeListArray.from_arrays(values, vectors.shape[1]),
+            "truncated": pa.array(cut, pa.bool_()),
+        },
+        metadata={_SHARD_KEY: json.dumps(_shard_metadata(shard, key))},
+    )
+    with atomic_path(Path(shard_path(output_dir, shard.index))) as tmp:
+        pq.write_table(table, tmp)
 
 
 class ShardWriter(RayEmbedder):
     """One actor call = one shard: read its rows, embed them, write `part-NNNNN.parquet`, report counts."""
 
-    def __init__(self, output_dir: str, column: str, id_column: str | None, **kwargs) -> None:
+    def __init__(
+        self, output_dir: str, column: str, id_column: str | None, run_key: str, errors: str, **kwargs
+    ) -> None:
         super().__init__(column=column, **kwargs)
-        self.output_dir, self.id_column = output_dir, id_column
+        self.output_dir, self.id_column, self.run_key, self.errors = output_dir, id_column, run_key, errors
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import pyarrow as pa
-
         rows, cut_counts = [], []
         for k in range(len(batch["index"])):
-            fields = {f: batch[f][k] for f in ("index", "file", "start", "stop", "first_id", "offset")}
+            fields = {f.name: batch[f.name][k] for f in dataclasses.fields(Shard)}
             shard = Shard(**{f: v.item() if isinstance(v, np.generic) else v for f, v in fields.items()})
-            ids, texts = read_shard(shard, self.column, self.id_column)
-            vectors, cut = self.embed(texts, first_index=shard.first_id) if texts else (np.zeros((0, 0)), [])
-            dims = self.pipeline.dims
-            values = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
-            table = pa.table(
-                {
-                    "id": pa.array(ids),
-                    "embedding": pa.FixedSizeListArray.from_arrays(values, dims),
-                    "truncated": pa.array(cut, pa.bool_()),
-                }
-            )
-            _write_table(table, shard_path(self.output_dir, shard.index))
+            ids, texts = read_shard(shard, self.column, self.id_column, self.errors)
+            if rows_digest(ids, texts) != shard.digest:
+                raise _changed(shard)
+            vectors, cut = self.embed(texts, first_index=shard.first_id)
+            write_part(self.output_dir, shard, self.run_key, ids, vectors, cut)
             rows.append(len(texts))
             cut_counts.append(sum(cut))
-        return {"index": batch["index"], "rows": np.array(rows), "truncated": np.array(cut_counts)}
+        threads = np.full(len(rows), self.pipeline.engine.n_threads)
+        return {"index": batch["index"], "rows": np.array(rows), "truncated": np.array(cut_counts), "threads": threads}
 
 
 @dataclass
@@ -313,6 +370,7 @@ class DatasetSummary:
     rows: int
     truncated: int
     seconds: float
+    threads: int = 0  # llama.cpp's threads in each worker
 
 
 def embed_dataset(
@@ -324,70 +382,138 @@ def embed_dataset(
     address: str | None = None,
     workers: int = 1,
     gpus_per_worker: float = 0,
+    cpus_per_worker: int | None = None,
     column: str = "text",
     id_column: str | None = None,
     shard_rows: int = 10_000,
+    errors: str = "strict",
     query: bool = False,
     task: str | None = None,
     max_length: int | None = None,
+    overwrite: bool = False,
     hardware: HardwareOptions | None = None,
     progress: bool = False,
 ) -> DatasetSummary:
-    """Embed every row of INPUTS into parquet shards under OUTPUT_DIR with WORKERS Ray actors; resumable."""
-    import ray
+    """Embed every row of INPUTS into parquet shards under OUTPUT_DIR with WORKERS Ray actors, each given
+    CPUS_PER_WORKER cores (default: the cluster's cores shared out) as llama.cpp's threads; resumable.
 
-    from planner import plan_for
-    from runner.model import resolve_model
+    OUTPUT_DIR is locked for the job and records what made it (RUN_FILE): a rerun with the same model, options
+    and inputs writes only the shards whose part is missing or does not verify; any other rerun is refused
+    unless OVERWRITE.
+    """
+    from runner.io import OutputLock
 
-    if workers < 1 or shard_rows < 1:
-        raise BadInput("--workers and --shard-rows must be at least 1")
+    if workers < 1 or shard_rows < 1 or (cpus_per_worker is not None and cpus_per_worker < 1):
+        raise BadInput("--workers, --cpus-per-worker and --shard-rows must be at least 1")
+    if "://" in output_dir:
+        raise BadInput(f"{output_dir}: the output must be a folder on a (shared) filesystem, where each part can be "
+                       "renamed into place and the folder locked")  # fmt: skip
     started = time.perf_counter()
     files = list_inputs(inputs)
-    # Produce the GGUF once, here, before any worker starts (planned with HARDWARE: say --vram for the
-    # workers' GPUs when this machine has none); workers only load it and plan its placement.
-    auto = quant is not None and quant.lower() == "auto"
-    if Path(model).is_file():
-        gguf = model
-    else:
-        chosen = plan_for(model, None, max_length, hardware).chosen.quant if auto else quant
-        gguf = str(resolve_model(model, chosen).path)
-    shards = plan_shards(files, shard_rows)
-    if "://" not in output_dir:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        for stale in Path(output_dir).glob("part-*.parquet.partial-*"):  # left by a killed actor
-            stale.unlink(missing_ok=True)
-    todo = [s for s in shards if not _exists(shard_path(output_dir, s.index))]
-    summary = DatasetSummary(len(shards), len(shards) - len(todo), 0, 0, 0.0)
-    if todo:
-        if not ray.is_initialized():
-            ray.init(address=None if address in (None, "local") else address, log_to_driver=False)
-        items = [dataclasses.asdict(s) for s in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            ShardWriter,
-            fn_constructor_kwargs=dict(
-                output_dir=output_dir,
-                column=column,
-                id_column=id_column,
-                model=gguf,
-                quant="auto",
-                query=query,
-                task=task,
-                max_length=max_length,
-            ),  # fmt: skip
-            batch_size=1,
-            concurrency=workers,
-            # Ray Data restarts a killed actor and retries its task by default (max_restarts and
-            # max_task_retries -1): the shard is done again, written atomically, so exactly once.
-            num_gpus=gpus_per_worker or None,
-            num_cpus=None if gpus_per_worker else 1,
-        )
-        from tqdm import tqdm
+    out = Path(output_dir)
+    # One job per folder, refused now, before it loads or reads anything; the lock file lives in the folder.
+    with OutputLock(out / RUN_FILE, option="OUTPUT_DIR"):
+        shards = check_inputs(plan_shards(files, shard_rows), column, id_column, errors, progress)
+        gguf = _model_file(model, quant, max_length, hardware)
+        options = dict(column=column, id_column=id_column, shard_rows=shard_rows, errors=errors, query=query,
+                       task=task, max_length=max_length)  # fmt: skip
+        record = run_record(files, gguf, **options)
+        prepare_output(out, record, overwrite)
+        key = _run_key(record)
+        todo = [s for s in shards if not part_complete(Path(shard_path(output_dir, s.index)), s, key)]
+        summary = DatasetSummary(len(shards), len(shards) - len(todo), 0, 0, 0.0)
+        if todo:
+            writer = dict(output_dir=output_dir, column=column, id_column=id_column, run_key=key, errors=errors,
+                          model=str(gguf), quant="auto", query=query, task=task, max_length=max_length)  # fmt: skip
+            _run_shards(todo, writer, address, workers, gpus_per_worker, cpus_per_worker, summary, progress)
+    summary.seconds = time.perf_counter() - started
+    return summary
 
-        with tqdm(total=sum(s.stop - s.start for s in todo), unit="row", disable=not progress) as bar:
+
+def _model_file(model: str, quant: str | None, max_length: int | None, hardware: HardwareOptions | None) -> Path:
+    """The GGUF, produced once here before any worker starts (planned with HARDWARE: say --vram for the workers'
+    GPUs when this machine has none); workers only load it and plan its placement."""
+    from planner import plan_for
+    from quantize.reference import ModelRef
+    from runner.model import resolve_model
+
+    ref = ModelRef.parse(model)
+    auto = quant is not None and quant.lower() == "auto"
+    plan = plan_for(ref, None, max_length, hardware) if auto else None
+    return resolve_model(ref, None if auto else quant, plan=plan).path
+
+
+def _run_shards(
+    todo: list[Shard],
+    writer: dict,
+    address: str | None,
+    workers: int,
+    gpus_per_worker: float,
+    cpus_per_worker: int | None,
+    summary: DatasetSummary,
+    progress: bool,
+) -> None:
+    import ray
+    from tqdm import tqdm
+
+    if not ray.is_initialized():
+        ray.init(address=None if address in (None, "local") else address, log_to_driver=False)
+    cpus = cpus_for_workers(workers, cpus_per_worker)
+    items = [dataclasses.asdict(s) for s in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ShardWriter,
+        fn_constructor_kwargs=writer | {"threads": cpus},
+        batch_size=1,
+        concurrency=workers,
+        # Ray Data restarts a killed actor and retries its task by default (max_restarts and
+        # max_task_retries -1): the shard is done again, written atomically, so exactly once.
+        num_gpus=gpus_per_worker or None,
+        num_cpus=cpus,  # GPU workers too: llama.cpp's threads tokenize, batch and run the layers left on the CPU
+    )
+    with tqdm(total=sum(s.stop - s.start for s in todo), unit="row", disable=not progress) as bar:
+        try:
             for batch in ds.iter_batches(batch_size=None):
                 done = int(np.sum(batch["rows"]))
                 summary.rows += done
                 summary.truncated += int(np.sum(batch["truncated"]))
+                summary.threads = max(summary.threads, int(np.max(batch["threads"])))
                 bar.update(done)
-    summary.seconds = time.perf_counter() - started
-    return summary
+        except Exception as e:
+            raise worker_error(e) from e
+
+
+def cpus_for_workers(workers: int, asked: int | None) -> int:
+    """Each worker's CPUs (llama.cpp's threads): ASKED, else the Ray cluster's cores shared out among WORKERS, at
+    most one node's. More than any node has is refused: Ray would wait for such a node forever."""
+    import ray
+
+    nodes = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    largest = max(nodes, default=1)
+    if asked is not None and asked > largest:
+        raise BadInput(f"--cpus-per-worker {asked}: no node of the Ray cluster has that many CPUs (at most {largest})")
+    return asked or max(1, min(sum(nodes) // workers, largest))
+
+
+def worker_error(e: BaseException) -> UserError:
+    """A failed job as one line: the worker's own error (a BadInput naming the file and row, a CorruptModelFile...)
+    taken out of Ray's wrappers. Ray keeps it as `.cause` for a plain task, but Ray Data passes on only its
+    traceback text (`UserCodeException`, `ActorDiedError`): then the first exception line that is not Ray's is
+    the worker's, and an error type of ours is raised again as itself."""
+    from ray.exceptions import RayTaskError
+
+    chain: list[BaseException] = []
+    while e is not None and e not in chain:
+        if isinstance(e, UserError) and not isinstance(e, RayTaskError):
+            return e
+        chain.append(e)
+        e = e.cause if isinstance(e, RayTaskError) else e.__cause__
+    e = chain[-1]
+    lines = [line for c in chain for line in _ANSI.sub("", str(c)).splitlines() if line.strip()]
+    # Unindented lines only: a traceback's source lines are indented, its exception lines are not.
+    raised = [m for m in map(_EXCEPTION_LINE.match, lines) if m and not m.group(1).startswith("ray.")]
+    name, message = (raised[0].group(1).rsplit(".", 1)[-1], raised[0].group(2)) if raised else (
+        type(e).__name__, lines[-1].strip() if lines else "no message")  # fmt: skip
+    ours = getattr(errors_module, name, None)
+    if isinstance(ours, type) and issubclass(ours, UserError):
+        return ours(message)
+    return EngineError(f"a worker failed: {name}: {message} (runner --debug embed-dataset ... shows the traceback)")

@@ -1,4 +1,4 @@
-"""Reading texts (.txt, .jsonl, stdin) and writing vectors (.npy, .jsonl, .parquet), atomically.
+"""Writing vectors (.npy, .jsonl, .parquet), atomically; texts are read by runner/inputs.py.
 
 Large runs stream: texts are read lazily, vectors go to `<output>.parts/` one chunk at a time (each
 part written atomically), and the output file is assembled from the parts when the last one is done.
@@ -36,60 +36,6 @@ FORMATS = ("npy", "jsonl", "parquet")
 log = logging.getLogger("runner")
 
 
-def read_texts(path: str, field: str = "text", errors: str = "strict") -> Iterator[str]:
-    """One text per line of a .txt file; in a .jsonl file, each line a JSON string or an object with FIELD.
-
-    Read lazily, line by line, so any input size runs in flat memory. `-` reads plain lines from stdin.
-    ERRORS="replace" puts U+FFFD for bytes that are not UTF-8 instead of stopping with the line number.
-    """
-    if path == "-":
-        yield from _parse_lines(sys.stdin.buffer, "<stdin>", False, field, errors)
-        return
-    p = Path(path)
-    if not p.is_file():
-        raise BadInput(f"{path}: no such input file")
-    with open(p, "rb") as f:
-        yield from _parse_lines(f, path, p.suffix.lower() == ".jsonl", field, errors)
-
-
-def count_lines(path: str) -> int | None:
-    """Lines in PATH (for a progress bar's total), read in blocks; None for stdin or a missing file."""
-    p = Path(path)
-    if path == "-" or not p.is_file():
-        return None
-    n, last = 0, b"\n"
-    with open(p, "rb") as f:
-        while block := f.read(1 << 24):
-            n += block.count(b"\n")
-            last = block[-1:]
-    return n + (last != b"\n")
-
-
-def _parse_lines(lines: Iterable[bytes], name: str, jsonl: bool, field: str, errors: str) -> Iterator[str]:
-    for n, line in enumerate(lines, 1):
-        try:
-            text = line.decode("utf-8", errors).rstrip("\r\n")
-        except UnicodeDecodeError as e:
-            raise BadInput(
-                f"{name}:{n}: not valid UTF-8 ({e.reason} at byte {e.start}); fix the file or pass --errors replace"
-            ) from None
-        if not jsonl:
-            yield text
-            continue
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BadInput(f"{name}:{n}: not valid JSON ({e.msg})") from None
-        if isinstance(obj, str):
-            yield obj
-            continue
-        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-            raise BadInput(f"{name}:{n}: no string field {field!r}; choose the field with --field")
-        yield obj[field]
-
-
 def output_format(path: str | None, fmt: str | None) -> str:
     """FMT, else -o PATH's extension; jsonl for stdout and for a stream (/dev/stdout, a FIFO), which takes
     nothing else: npy and parquet are written whole beside the output and renamed into place."""
@@ -105,7 +51,7 @@ def output_format(path: str | None, fmt: str | None) -> str:
     if fmt:
         return fmt
     if path:
-        raise BadInput(f"{path}: cannot tell the format from the extension; pass --format npy or jsonl")
+        raise BadInput(f"{path}: cannot tell the format from the extension; pass --format npy, jsonl or parquet")
     return "jsonl"
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from quantize.errors import BadInput, CorruptModelFile
 from tests.conftest import run_cli
 
 ray = pytest.importorskip("ray")
@@ -37,11 +38,11 @@ def corpus(n: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, minilm):
-    """1,200 jsonl rows (with a blank line) and 900 txt lines; the reference from single-process `runner embed`."""
+    """1,200 jsonl rows and 900 txt lines; the reference from single-process `runner embed`."""
     root = tmp_path_factory.mktemp("ray-inputs")
     texts = corpus(2100)
     lines = [json.dumps({"text": t, "key": f"k{i}"}) for i, t in enumerate(texts[:1200])]
-    (root / "a.jsonl").write_text("\n".join(lines[:600] + [""] + lines[600:]) + "\n")
+    (root / "a.jsonl").write_text("\n".join(lines) + "\n")
     (root / "b.txt").write_text("\n".join(texts[1200:]) + "\n")
     (root / "all.txt").write_text("\n".join(texts) + "\n")
     run_cli("embed", "-m", str(minilm), "--input", str(root / "all.txt"), "-o", str(root / "ref.npy"), "-q")
@@ -62,18 +63,24 @@ def test_two_workers_match_single_process_and_resume(cluster, minilm, inputs, tm
     out = tmp_path / "out"
     files = [str(root / "a.jsonl"), str(root / "b.txt")]
     s = embed_dataset(files, str(out), str(minilm), workers=2, shard_rows=400)
-    assert s.rows == 2100 and s.shards == 7 and s.skipped_shards == 0  # 1201 lines: 4 shards; 900: 3
+    assert s.rows == 2100 and s.shards == 6 and s.skipped_shards == 0  # 1200 lines: 3 shards; 900: 3
     ids, vectors = read_shards(out)
-    # ids: the row's line number across the inputs; the blank line (600) is not a row.
-    assert ids == list(range(600)) + list(range(601, 1201)) + list(range(1201, 2101))
+    assert ids == list(range(2100))  # the row's line number across the inputs
     assert (np.sum(vectors * ref, axis=1) >= 0.99999).all()
-    # A rerun after a partial job writes only the missing shards.
-    kept = {p: p.stat().st_mtime_ns for p in sorted(out.glob("part-*.parquet"))[1:]}
-    sorted(out.glob("part-*.parquet"))[0].unlink()
-    again = embed_dataset(files, str(out), str(minilm), workers=2, shard_rows=400)
-    assert again.skipped_shards == s.shards - 1 and again.rows == 400
+    # A rerun writes only the shards whose part is missing or does not verify (cut short, garbage), with one
+    # worker given both CPUs as llama.cpp threads (before: num_cpus=1, one thread).
+    parts = sorted(out.glob("part-*.parquet"))
+    kept = {p: p.stat().st_mtime_ns for p in parts[3:]}
+    parts[0].unlink()
+    parts[1].write_bytes(parts[1].read_bytes()[:-100])
+    parts[2].write_bytes(b"garbage")
+    again = embed_dataset(files, str(out), str(minilm), workers=1, shard_rows=400)
+    assert again.skipped_shards == s.shards - 3 and again.rows == 1200 and again.threads == 2
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     assert read_shards(out)[0] == ids
+    # Another --shard-rows would write parts over other row ranges (before: 400 duplicate ids): refused.
+    with pytest.raises(BadInput, match="another --shard-rows"):
+        embed_dataset(files, str(out), str(minilm), workers=2, shard_rows=300)
 
 
 def test_id_column_and_killed_worker(cluster, minilm, inputs, tmp_path) -> None:
@@ -115,3 +122,40 @@ def test_id_column_and_killed_worker(cluster, minilm, inputs, tmp_path) -> None:
 def test_bad_inputs_are_one_line(tmp_path) -> None:
     proc = run_cli("embed-dataset", str(tmp_path / "none-*.txt"), str(tmp_path / "o"), "-m", "x", check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "no such input" in proc.stderr
+
+
+def test_cpus_per_worker(cluster) -> None:
+    """The cluster's cores shared out (the fixture's cluster has 2); more than a node has is refused."""
+    from runner.distributed import cpus_for_workers
+
+    assert [cpus_for_workers(w, None) for w in (1, 2, 3)] == [2, 1, 1]
+    assert cpus_for_workers(2, 2) == 2
+    with pytest.raises(BadInput, match="--cpus-per-worker 3: no node of the Ray cluster has that many CPUs"):
+        cpus_for_workers(1, 3)
+
+
+class _RaisesInCall:
+    def __call__(self, batch):
+        raise BadInput("a.jsonl:3: blank line; every line is one text: remove it")
+
+
+class _RaisesInInit:
+    def __init__(self) -> None:
+        raise CorruptModelFile("m.gguf: not a GGUF file")
+
+    def __call__(self, batch):
+        return batch
+
+
+@pytest.mark.parametrize("udf", [_RaisesInCall, _RaisesInInit])
+def test_worker_errors_come_back_as_themselves(cluster, udf) -> None:
+    """What Ray Data raises on the driver (RayTaskError(UserCodeException), ActorDiedError: the worker's error
+    only as traceback text with ANSI codes) becomes the worker's own one-line error."""
+    from runner.distributed import worker_error
+
+    ds = ray.data.from_items([{"a": 1}]).map_batches(udf, batch_size=1, concurrency=1, num_cpus=1)
+    with pytest.raises(Exception) as raised:
+        ds.materialize()
+    e = worker_error(raised.value)
+    assert type(e) is (BadInput if udf is _RaisesInCall else CorruptModelFile)
+    assert str(e) in ("a.jsonl:3: blank line; every line is one text: remove it", "m.gguf: not a GGUF file")

@@ -68,7 +68,12 @@ def test_empty_text(tiny, tmp_path) -> None:
     assert_one_line_error(run_cli("embed", "-m", gguf, "fine", "", check=False), "input 2", "empty")
     lines = tmp_path / "in.txt"
     lines.write_text("one\n\nthree\n")
-    assert_one_line_error(run_cli("embed", "-m", gguf, "--input", str(lines), check=False), "input 2")
+    assert_one_line_error(run_cli("embed", "-m", gguf, "--input", str(lines), check=False), f"{lines}:2: blank line")
+
+
+def test_an_unknown_output_extension_lists_every_format(tmp_path) -> None:
+    proc = run_cli("embed", "-m", "x", "hello", "-o", str(tmp_path / "v.bin"), check=False)
+    assert_one_line_error(proc, f"{tmp_path / 'v.bin'}: cannot tell the format", "--format npy, jsonl or parquet")
 
 
 def test_invalid_utf8_names_the_line(tiny, tmp_path) -> None:

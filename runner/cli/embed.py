@@ -22,20 +22,23 @@ from runner.distributed import embed_dataset
 from runner.embed_run import EmbedOptions
 from runner.io import FORMATS
 
-
-@click.command()
-@click.argument("texts", nargs=-1)
-@model_option
-@click.option("--quant", help="Which quant of a model directory/name to use (default: highest fidelity on disk).")
-@click.option("--input", "input_file", help=".txt (one text per line) or .jsonl file; - for stdin.")
-@click.option("--field", default="text", show_default=True, help="JSONL field holding the text.")
-@click.option(
+# Both commands read their inputs with runner.inputs, so they take bad bytes alike.
+errors_option = click.option(
     "--errors",
     type=click.Choice(["strict", "replace"]),
     default="strict",
     show_default=True,
     help="Input bytes that are not UTF-8: stop with the line number, or replace them.",
 )
+
+
+@click.command()
+@click.argument("texts", nargs=-1)
+@model_option
+@click.option("--quant", help="Which quant of a model directory/name to use (default: highest fidelity on disk).")
+@click.option("--input", "input_file", help=".txt (one text per line), .jsonl or .parquet file; - for stdin.")
+@click.option("--field", default="text", show_default=True, help="JSONL field or parquet column holding the text.")
+@errors_option
 @click.option("-o", "--output", help="Output file (.npy, .jsonl or .parquet); default: JSON lines on stdout.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Default: from --output.")
 @field_option(
@@ -167,6 +170,14 @@ def embed(
 @field_option(embed_dataset, "column", help="Text column (parquet) or field (jsonl).")
 @click.option("--id-column", help="Column/field holding each row's id (default: the row's number in the input).")
 @field_option(embed_dataset, "shard_rows", type=AT_LEAST_1, help="Rows per output shard.")
+@field_option(
+    embed_dataset,
+    "cpus_per_worker",
+    type=AT_LEAST_1,
+    help="CPU cores for each worker, llama.cpp's threads (default: the cluster's cores divided by --workers).",
+)
+@errors_option
+@field_option(embed_dataset, "overwrite", is_flag=True, help="Empty OUTPUT_DIR of the parts of another run first.")
 @field_option(embed_dataset, "query", "--query/--document", help="Apply the model's query instruction, or not.")
 @click.option("--task", help="Instruction for --query (default: the model's).")
 @max_length_option
@@ -183,6 +194,9 @@ def embed_dataset_cmd(
     column: str,
     id_column: str | None,
     shard_rows: int,
+    cpus_per_worker: int | None,
+    errors: str,
+    overwrite: bool,
     query: bool,
     task: str | None,
     max_length: int | None,
@@ -190,7 +204,7 @@ def embed_dataset_cmd(
     **hw_opts,
 ) -> None:
     """Embed INPUTS (parquet/jsonl/txt files, globs, object-store URIs) into parquet shards in OUTPUT_DIR with
-    Ray (extra `ray`); a rerun skips the shards already complete."""
+    Ray (extra `ray`); a rerun with the same model, options and inputs writes only the shards not complete."""
     try:
         import ray  # noqa: F401
     except ImportError:
@@ -198,14 +212,16 @@ def embed_dataset_cmd(
 
     s = embed_dataset(
         list(inputs), output_dir, model, quant, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
-        column=column, id_column=id_column, shard_rows=shard_rows, query=query, task=task, max_length=max_length,
-        hardware=HardwareOptions(**hw_opts), progress=not quiet and sys.stderr.isatty(),
+        cpus_per_worker=cpus_per_worker, column=column, id_column=id_column, shard_rows=shard_rows, errors=errors,
+        query=query, task=task, max_length=max_length, overwrite=overwrite, hardware=HardwareOptions(**hw_opts),
+        progress=not quiet and sys.stderr.isatty(),
     )  # fmt: skip
     if not quiet:
         skipped = f", {s.skipped_shards} already complete" if s.skipped_shards else ""
+        threads = f" x {s.threads} threads" if s.threads else ""
         click.echo(
             f"embedded {s.rows} rows into {s.shards} shards{skipped} in {s.seconds:.1f} s "
-            f"({s.rows / max(s.seconds, 1e-9):.0f} rows/s, {workers} workers) -> {output_dir}",
+            f"({s.rows / max(s.seconds, 1e-9):.0f} rows/s, {workers} workers{threads}) -> {output_dir}",
             err=True,
         )
         if s.truncated:
