@@ -411,6 +411,8 @@ def embed_dataset(
     started = time.perf_counter()
     files = list_inputs(inputs)
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{output_dir}: not a folder; OUTPUT_DIR is the folder the parts go to")
     # One job per folder, refused now, before it loads or reads anything; the lock file lives in the folder.
     with OutputLock(out / RUN_FILE, option="OUTPUT_DIR"):
         shards = check_inputs(plan_shards(files, shard_rows), column, id_column, errors, progress)

@@ -18,6 +18,7 @@ import pytest
 from quantize.errors import BadInput, CorruptModelFile, EngineError
 from runner.distributed import (
     RUN_FILE,
+    RayEmbedder,
     check_inputs,
     embed_dataset,
     part_complete,
@@ -186,6 +187,21 @@ def test_bad_rows_are_one_line_from_the_cli(tmp_path) -> None:
         proc.stderr
         == f"error: {tmp_path / 'a.parquet'}: row 2: column 'text' is null, not a string; fill it or drop it\n"
     )
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(job) -> None:
+    root, files, model, record = job
+    with pytest.raises(BadInput, match="not a folder; OUTPUT_DIR is the folder the parts go to"):
+        embed_dataset(files, str(root / "a.txt"), str(model))
+
+
+def test_ray_embedder_refuses_cells_that_are_no_text() -> None:
+    """`ds.map_batches(RayEmbedder, ...)` in a user's own pipeline: before, None and 5 were embedded as "None", "5"."""
+    embedder = object.__new__(RayEmbedder)  # the check runs before the model is used: no model needed
+    embedder.column = "text"
+    for cell, says in ((None, "NoneType None"), (5, "int 5"), (" ", "blank")):
+        with pytest.raises(BadInput, match=f"column 'text', row 2 of the batch: {says}, not a text"):
+            embedder({"text": np.array(["fine", cell], dtype=object)})
 
 
 # What Ray Data 2.x hands the driver when a worker raises: only the traceback text, with ANSI colours.
