@@ -41,9 +41,9 @@ def minilm_gguf() -> Path:
 
 
 @contextmanager
-def app_client(load, model_arg: str = MINILM, access: Access | None = None, **limits) -> Iterator[TestClient]:
+def app_client(load, access: Access | None = None, **limits) -> Iterator[TestClient]:
     """The app over the pipeline LOAD returns, its engine thread running, called as http://localhost."""
-    served = Served(model_arg)
+    served = Served()
     batcher = Batcher(load, max_batch_tokens=4096, max_queue=64, on_loaded=served.loaded)
     metrics = Metrics(lambda: batcher.in_flight)
     app = create_app(batcher, served, metrics, Limits(**limits), access or Access())
@@ -57,7 +57,7 @@ def minilm_app(minilm_gguf) -> Iterator[TestClient]:
     from runner.pipeline import open_pipeline
 
     # -m given as an absolute path: no answer may carry it.
-    with app_client(lambda: open_pipeline(str(minilm_gguf)), str(minilm_gguf), max_client_batch=8) as client:
+    with app_client(lambda: open_pipeline(str(minilm_gguf)), max_client_batch=8) as client:
         yield client
 
 

@@ -97,7 +97,7 @@ def serve(
         sock = _bind(host, port)
         url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
         log.info("listening on %s; loading %s", url, model)
-        served = Served(model)
+        served = Served()
         batcher = Batcher(
             load,
             max_batch_tokens=limits.max_batch_tokens,

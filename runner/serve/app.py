@@ -54,8 +54,8 @@ log = logging.getLogger("runner.serve")
 class Served:
     """The served model's identity, known once the engine thread has loaded it."""
 
-    def __init__(self, model_arg: str) -> None:
-        self.name = model_arg
+    def __init__(self) -> None:
+        self.name = ""
         self.names: tuple[str, ...] = ()
         self.created = int(time.time())
 
@@ -173,6 +173,7 @@ def create_app(batcher: Batcher, served: Served, metrics: Metrics, limits: Limit
 
     async def list_models(request: Request) -> Response:
         access.check_key(request.headers.get("authorization", ""))
+        batcher.check_ready()  # the served names are known once the model is
         data = [{"id": served.name, "object": "model", "created": served.created, "owned_by": "embedrunner"}]
         return json_response(200, {"object": "list", "data": data})
 
