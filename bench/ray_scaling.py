@@ -4,8 +4,9 @@
 
 Writes --texts texts of tests.corpus to a .txt file, then times (wall clock, one run each, in this order):
 `runner embed` (one process, all cores), and `runner embed-dataset` on a local Ray cluster with 1 and with
-2 workers of one CPU each (Ray start-up, actor start-up and model loads included, as a user waits for
-them). On a 2-core machine this shows Ray's overhead, not scaling. Prints a markdown table.
+2 workers sharing the machine's cores (--cpus-per-worker's default; Ray start-up, actor start-up and model
+loads included, as a user waits for them). On a 2-core machine this shows Ray's overhead, not scaling.
+Prints a markdown table.
 """
 
 from __future__ import annotations
