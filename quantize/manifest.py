@@ -1,4 +1,5 @@
-"""manifest.json beside a model's GGUF files: each file's quant, bytes, sha256, source and converter version.
+"""manifest.json beside a model's GGUF files: each file's quant, bytes, sha256, source and converter version, and
+the model's pin (the quant, file and sha256 that runs of the model use until asked for another).
 
 Pure Python (no llama.cpp), so the converter, the quantizer and the runner all record through it.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import stat
 from collections.abc import Iterator
@@ -18,8 +20,12 @@ from quantize.errors import BadInput, CorruptModelFile, UserError
 from quantize.files import sha256, write_text_atomic
 from quantize.gguf_header import read_header
 from quantize.progress import SILENT, Progress
+from quantize.quants import PREFERENCE
+
+log = logging.getLogger("runner")
 
 MANIFEST = "manifest.json"
+PIN = "pin"  # {"quant": "Q6_K", "file": "<name>-Q6_K.gguf", "sha256": its recorded digest or null}
 _MAX_BYTES = 1 << 20  # a manifest records a few dozen files in a few KB; anything bigger is not one
 
 
@@ -121,6 +127,8 @@ def forget(directory: Path, names: list[str]) -> None:
         manifest = _read(manifest_path)
         for name in names:
             manifest["files"].pop(name, None)
+        if isinstance(manifest.get(PIN), dict) and manifest[PIN].get("file") in names:
+            del manifest[PIN]  # the pinned file is gone: the next run pins anew, and says so
         if manifest["files"]:
             write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
         else:
@@ -128,9 +136,12 @@ def forget(directory: Path, names: list[str]) -> None:
 
 
 def _restamp(path: Path, digest: str) -> None:
-    """PATH still has the recorded DIGEST but was copied or touched: record its new identity, so the next run
-    need not hash it again. Best effort: a read-only model directory just means hashing again next time."""
+    """PATH was just hashed to DIGEST: if manifest.json records that digest for it (the file was copied or touched),
+    record its new identity, so the next run need not hash it again. Best effort: a read-only model directory just
+    means hashing again next time."""
     manifest_path = path.parent / MANIFEST
+    if not manifest_path.is_file():
+        return  # nothing recorded it: no lock file is made in a directory this tool never wrote to
     try:
         with _locked(path.parent):
             manifest = _read(manifest_path)
@@ -142,6 +153,47 @@ def _restamp(path: Path, digest: str) -> None:
         pass
 
 
+def pinned(directory: Path) -> dict | None:
+    """DIRECTORY's pin ({"quant", "file", "sha256"}), or None: no manifest, no pin yet, or one that is not a pin
+    (said in a warning; the next run pins anew). A manifest that cannot be read is a CorruptModelFile: a run must
+    not pick another file silently."""
+    pin = _read(directory / MANIFEST).get(PIN)
+    if pin is None:
+        return None
+    if (
+        isinstance(pin, dict)
+        and pin.get("quant") in PREFERENCE
+        and plain_name(pin.get("file"))
+        and isinstance(pin.get("sha256"), str | None)
+    ):
+        return pin
+    log.warning("%s: its %r entry is not a pin; the next run pins anew", directory / MANIFEST, PIN)
+    return None
+
+
+def pin(directory: Path, quant: str, file: str, digest: str | None) -> None:
+    """Pin QUANT's FILE (in DIRECTORY, with its recorded DIGEST) in DIRECTORY's manifest.json, written atomically
+    under the manifest's lock (a manifest is created for a directory that has none)."""
+    manifest_path = directory / MANIFEST
+    with _locked(directory):
+        manifest = _read(manifest_path)
+        manifest[PIN] = {"quant": quant, "file": file, "sha256": digest}
+        write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """PATH's sha256 as manifest.json records it while the file is still the one recorded (same size, mtime and
+    inode), else None. Never reads the file."""
+    try:
+        entry = _read(path.parent / MANIFEST)["files"].get(path.name)
+    except (OSError, CorruptModelFile):
+        return None
+    if isinstance(entry, dict) and isinstance(entry.get("sha256"), str):
+        if all(entry.get(k) == v for k, v in _identity(path).items()):
+            return entry["sha256"]
+    return None
+
+
 def content_sha256(path: Path) -> str:
     """PATH's sha256, cheaply: the one manifest.json records while the file is still the one recorded (same
     size, mtime and inode), else hashed now. What `--resume` ties a run to: a path and a size are not an identity
@@ -149,16 +201,10 @@ def content_sha256(path: Path) -> str:
 
     A file whose content changed keeps its old entry, for `runner verify` to report.
     """
-    try:
-        entry = _read(path.parent / MANIFEST)["files"].get(path.name)
-    except (OSError, CorruptModelFile):
-        entry = None
-    if isinstance(entry, dict) and isinstance(entry.get("sha256"), str):
-        if all(entry.get(k) == v for k, v in _identity(path).items()):
-            return entry["sha256"]
+    if (recorded := recorded_sha256(path)) is not None:
+        return recorded
     digest = sha256(path)
-    if isinstance(entry, dict) and entry.get("sha256") == digest:
-        _restamp(path, digest)
+    _restamp(path, digest)
     return digest
 
 

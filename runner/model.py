@@ -1,25 +1,39 @@
 """Find the GGUF file behind `-m` (quantize.reference.ModelRef), producing it when missing, and the prompts that go
-with it."""
+with it.
+
+One model name, one file: the quant a model's runs use is pinned in its directory's manifest.json once it is
+chosen (by --quant, by --auto-quant or by the first run), and every front door (runner embed, Embedder, runner
+serve, runner embed-dataset) resolves through here, so all of them use that file until --quant picks another. A
+plan (--auto-quant, a calibration, another machine) never moves a pin: it says what it would pick instead. A GGUF
+file is its own pin.
+"""
 
 from __future__ import annotations
 
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
-from planner import disk
+import gguf
+
+from planner import HardwareOptions, disk, plan_for
 from planner.policy import Plan
 from quantize import gguf_keys
-from quantize.convert import convert, made_from
-from quantize.errors import BadInput, ModelNotFound
+from quantize.convert import convert, made_from, output_path
+from quantize.errors import BadInput, ModelNotFound, UserError
 from quantize.files import models_home
 from quantize.gguf_check import check_gguf
 from quantize.ladder import quantize
+from quantize.manifest import content_sha256, pin, pinned, read_metadata, recorded_sha256
 from quantize.progress import SILENT, Progress, size
 from quantize.quants import LADDER, PREFERENCE
 from quantize.reference import Kind, ModelRef
-from quantize.source import resolve
+from quantize.source import Source, resolve
 from quantize.store import base_file, on_disk, remove, serves, usable
+
+log = logging.getLogger("runner")
 
 _PLACEHOLDER = re.compile(r"\{(task|text)\}")
 
@@ -61,12 +75,95 @@ class ResolvedModel:
     prompts: Prompts
     max_length: int | None
     license_note: str | None
-    name: str  # the registry name, else the file's stem
+    name: str  # the registry name, else the file's stem without its quant (all-minilm-l6-v2 for ...-Q6_K.gguf)
+    quant: str | None = None  # the file's quant (F16, Q6_K, ...); None: not one llama.cpp names
+    pooling: str | None = None  # mean, cls, last, latent-attention (the GGUF's own)
 
     @staticmethod
     def of_file(path: Path, prompts: Prompts | None = None) -> ResolvedModel:
         """A GGUF taken as it is, with PROMPTS (default: none) and no registry entry (benches, tests)."""
-        return ResolvedModel(Path(path), prompts or Prompts.plain(), None, None, Path(path).stem)
+        path = Path(path)
+        meta = read_metadata(path)
+        quant = file_quant(path, meta)
+        return ResolvedModel(
+            path, prompts or Prompts.plain(), None, None, _stem_name(path, quant), quant, meta.get(gguf_keys.POOLING)
+        )
+
+    @property
+    def tag(self) -> str:
+        """The model as the server names it, Ollama's name:tag with the quant as the tag (all-minilm-l6-v2:Q6_K)."""
+        return f"{self.name}:{self.quant}" if self.quant else self.name
+
+    @cached_property
+    def sha256(self) -> str:
+        """The file's sha256, from manifest.json while the file is the one recorded (an 8B file is not hashed
+        each run), else hashed once."""
+        return content_sha256(self.path)
+
+    def identity(self) -> dict[str, str | None]:
+        """What names this model file in every output (a sidecar, parquet metadata, a dataset's run record)."""
+        return {"model": self.name, "quant": self.quant, "file": self.path.name, "sha256": self.sha256}
+
+
+def file_quant(path: Path, meta: dict[str, object]) -> str | None:
+    """PATH's quant: general.file_type as llama.cpp names it (MOSTLY_Q6_K -> Q6_K), else the quant its
+    `<name>-<QUANT>.gguf` name says, else None."""
+    try:
+        return gguf.LlamaFileType(int(meta["general.file_type"])).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (KeyError, TypeError, ValueError):
+        tag = path.stem.rsplit("-", 1)[-1].upper()
+        return tag if tag in PREFERENCE else None
+
+
+def _stem_name(path: Path, quant: str | None) -> str:
+    """A model's name from its file's: the stem without a trailing -QUANT."""
+    head, _, tag = path.stem.rpartition("-")
+    return head if head and quant and tag.upper() == quant else path.stem
+
+
+def model_directory(ref: ModelRef) -> Path | None:
+    """Where MODEL's GGUF files are looked for and made, whose manifest.json holds its pin: a model directory as
+    it is, else its folder in the models home (a registry name's, a converted checkpoint's or hub repo's); None
+    for a GGUF file, its own pin."""
+    if ref.kind is Kind.GGUF:
+        return None
+    if ref.kind is Kind.STORE:
+        return ref.path
+    if ref.kind is Kind.REGISTRY:
+        return ref.home
+    src = resolve(str(ref.path)) if ref.kind is Kind.CHECKPOINT else Source(Path(ref.text), ref.repo)
+    return output_path(src, None, "f16").parent
+
+
+def pin_of(ref: ModelRef) -> dict | None:
+    """MODEL's pin ({"quant", "file", "sha256"} in its directory's manifest.json), or None: none yet, or a GGUF file."""
+    directory = model_directory(ref)
+    return pinned(directory) if directory is not None and directory.is_dir() else None
+
+
+def plan_run(
+    model: str | ModelRef,
+    quant: str | None = None,
+    max_length: int | None = None,
+    hardware: HardwareOptions | None = None,
+    progress: Progress = SILENT,
+) -> Plan:
+    """--auto-quant's plan for MODEL: QUANT's placement when asked for; else, for a pinned model, the pinned
+    quant's placement; else the planner's choice (which the run then pins). When the planner would now pick
+    another quant than the pin (after a calibration, on another machine), PROGRESS says so and how to move the
+    pin, and the plan's reason names the pin."""
+    ref = ModelRef.parse(model)
+    planned = plan_for(ref, quant, max_length, hardware)
+    held = pin_of(ref) if quant is None else None
+    if held is None or planned.chosen.quant == held["quant"]:
+        return planned
+    other = planned.chosen.quant
+    progress.say(
+        f"pinned {held['quant']} ({held['file']}) kept; the plan for this machine picks {other} ({planned.reason}): "
+        f"--quant {other} moves the pin"
+    )
+    kept = plan_for(ref, held["quant"], max_length, hardware)
+    return replace(kept, reason=f"the pinned quant (the plan picks {other}; --quant {other} moves the pin)")
 
 
 def resolve_model(
@@ -91,16 +188,25 @@ def resolve_model(
         quant = None if ref.kind is Kind.GGUF else plan.chosen.quant
     if quant and ref.kind is Kind.GGUF:
         raise BadInput(f"{ref}: --quant picks a file inside a model directory; pass the directory instead")
+    held = pin_of(ref)
+    quant = quant.upper() if quant else (held["quant"] if held else None)
     (plan.disk if plan is not None and plan.disk else disk.for_run(ref, quant)).check()
-    if ref.kind is Kind.GGUF:
-        gguf_path = ref.path
-    elif ref.kind is Kind.STORE:
-        gguf_path = _pick(ref.path, quant, keep_f16, progress)
-    elif ref.kind is Kind.REGISTRY and serves(on_disk(ref.home), quant):
-        # What is on disk serves, unless neither the quant nor an F16 to make it from is there (--no-keep-f16).
-        gguf_path = _pick(ref.home, quant, keep_f16, progress)
-    else:
-        gguf_path = _from_checkpoint(ref, quant, keep_f16, progress)
+    try:
+        if ref.kind is Kind.GGUF:
+            gguf_path = ref.path
+        elif ref.kind is Kind.STORE:
+            gguf_path = _pick(ref.path, quant, keep_f16, progress)
+        elif ref.kind is Kind.REGISTRY and serves(on_disk(ref.home), quant):
+            # What is on disk serves, unless neither the quant nor an F16 to make it from is there (--no-keep-f16).
+            gguf_path = _pick(ref.home, quant, keep_f16, progress)
+        else:
+            gguf_path = _from_checkpoint(ref, quant, keep_f16, progress)
+    except ModelNotFound as e:
+        if held is None or quant != held["quant"]:
+            raise
+        raise ModelNotFound(f"{e}; {ref} is pinned to {quant}: --quant QUANT pins another") from None
+    if ref.kind is not Kind.GGUF:
+        _pin(gguf_path, held, progress)
     entry = ref.entry
     # Checked before anything trusts it: hyper-parameters against the tensors, prompt templates, head file name.
     meta = check_gguf(gguf_path).metadata
@@ -111,8 +217,38 @@ def resolve_model(
     )
     max_length = meta.get(gguf_keys.MAX_LENGTH) or (entry.max_length if entry else None)
     note = meta.get(gguf_keys.LICENSE_NOTE) or (entry.license_note if entry else None)
-    name = entry.name if entry else gguf_path.stem
-    return ResolvedModel(gguf_path, prompts, int(max_length) if max_length else None, note, name)
+    file_type = file_quant(gguf_path, meta)
+    name = entry.name if entry else _stem_name(gguf_path, file_type)
+    length = int(max_length) if max_length else None
+    return ResolvedModel(gguf_path, prompts, length, note, name, file_type, meta.get(gguf_keys.POOLING))
+
+
+def _pin(path: Path, held: dict | None, progress: Progress) -> None:
+    """Pin PATH, the file this run uses, in its directory's manifest.json, saying so when the pin is new
+    or moves (HELD: the pin before), and when the pinned quant's file was made again (another conversion: other
+    vectors). A directory that cannot be written keeps no pin (a warning says so)."""
+    quant = next((q for q, p in on_disk(path.parent).items() if p.name == path.name), None)
+    if quant is None:
+        return  # not a <name>-<QUANT>.gguf file the store knows: nothing a later run could find by its quant
+    digest = recorded_sha256(path)
+    if held is not None and held["quant"] == quant and held["file"] == path.name:
+        if held["sha256"] == digest or digest is None:
+            return
+        if held["sha256"] is not None:
+            progress.say(
+                f"pinned {quant} ({path.name}) was made again (sha256 {held['sha256'][:12]} -> {digest[:12]}): "
+                "vectors made before differ from this run's"
+            )
+    elif held is None:
+        progress.say(f"pinned {quant} ({path.name}): runs of this model use it until --quant picks another")
+    else:
+        progress.say(
+            f"pin moved from {held['quant']} ({held['file']}) to {quant} ({path.name}): runs without --quant use it now"
+        )
+    try:
+        pin(path.parent, quant, path.name, digest)
+    except (OSError, UserError) as e:
+        log.warning("%s: cannot pin %s (%s); runs pick the highest fidelity on disk", path.parent, quant, e)
 
 
 def _pick(directory: Path, quant: str | None, keep_f16: bool = True, progress: Progress = SILENT) -> Path:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 
 import numpy as np
 
-from planner import HardwareOptions, Plan, plan_for
-from planner.batching import MIN_TOKEN_BUDGET
+from planner import HardwareOptions, Plan
+from planner.batching import MIN_TOKEN_BUDGET, token_budget
 from planner.policy import max_length_for
 from quantize import gguf_keys
 from quantize.errors import BadInput, CorruptModelFile
@@ -26,7 +28,7 @@ from quantize.progress import Progress
 from quantize.reference import ModelRef
 from runner import compact
 from runner.engine import Engine, open_engine
-from runner.model import ResolvedModel, resolve_model
+from runner.model import ResolvedModel, plan_run, resolve_model
 
 log = logging.getLogger("runner")
 
@@ -258,35 +260,84 @@ class Pipeline:
         chunk_size: int,
         *,
         run_key: str = "",
+        part_seconds: float = math.inf,
+        resumed: Callable[[int], int | None] | None = None,
         skip: Callable[[int, str, int], bool] | None = None,
         stats: Stats | None = None,
+        on_step: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
         **options,
     ) -> Iterator[Chunk]:
-        """Texts in, chunks of CHUNK_SIZE vectors out, reading TEXTS lazily (memory stays flat for any input).
+        """Texts in, chunks of vectors out, reading TEXTS lazily (memory stays flat for any input).
 
-        Each chunk's digest covers RUN_KEY and every text so far, so a resumed run can tell whether the part
-        an interrupted run left is the same work; SKIP(index, digest, count) true means it is, and the chunk is not
-        embedded again. OPTIONS go to `embed` (query, task, normalize, truncate, dimensions).
+        A chunk ends at CHUNK_SIZE texts or once PART_SECONDS of embedding have gone into it (by CLOCK), whichever
+        comes first, so a run of any size and speed writes its work often. Texts are embedded a micro-batch's worth
+        of tokens at a time; ON_STEP(texts) follows each step (a progress bar moves per micro-batch, not per chunk).
+
+        Each chunk's digest covers RUN_KEY and every text so far, so a resumed run can tell whether the part an
+        interrupted run left is the same work: RESUMED(index) is how many texts that part holds (None: no part),
+        and SKIP(index, digest, count) true means it is whole and the same texts, so they are not embedded again.
+        OPTIONS go to `tokenize` (query, task, truncate) and `vectors` (normalize, dimensions).
         """
         if chunk_size < 1:
             raise BadInput(f"chunk size {chunk_size}: must be at least 1")
+        tokenize = {k: options.pop(k) for k in ("query", "task", "truncate") if k in options}
+        step_tokens = token_budget(self.max_length)  # one full micro-batch of the engine
         running = hashlib.sha256(run_key.encode())
         it = iter(texts)
         first, index = 0, 0
-        while batch := list(islice(it, chunk_size)):
+
+        def take(n: int) -> list:
+            batch = list(islice(it, n))
             for t in batch:
                 # Not a text: tokenize refuses it, naming it (its repr could be gigabytes, or recurse 100,000 deep).
                 running.update(t.encode("utf-8", "surrogatepass") if isinstance(t, str) else type(t).__name__.encode())
                 running.update(b"\0")
-            digest = running.hexdigest()
-            if skip is not None and skip(index, digest, len(batch)):
+            return batch
+
+        while True:
+            left = resumed(index) if resumed is not None else None
+            if left is not None:  # the interrupted run's part: the same texts again, unless it is damaged
+                batch = take(left)
+                if not batch:
+                    return
+                digest = running.hexdigest()
+                if skip is not None and skip(index, digest, len(batch)):
+                    if stats is not None:
+                        stats.skipped += len(batch)
+                    if on_step is not None:
+                        on_step(len(batch))
+                    yield Chunk(index, first, len(batch), digest, None)
+                else:
+                    vectors = self.embed(batch, first_index=first, stats=stats, **tokenize, **options)
+                    if on_step is not None:
+                        on_step(len(batch))
+                    yield Chunk(index, first, len(batch), digest, vectors)
+                first += len(batch)
+                index += 1
+                continue
+            started, done, parts = clock(), 0, []
+            while done < chunk_size and (not parts or clock() - started < part_seconds):
+                tok = Tokenized()
+                while done + len(tok) < chunk_size and tok.tokens < step_tokens and (text := take(1)):
+                    more = self.tokenize(text, first_index=first + done + len(tok), **tokenize)
+                    tok.seqs += more.seqs
+                    tok.skips += more.skips
+                    tok.cut += more.cut
+                if not tok:
+                    break
                 if stats is not None:
-                    stats.skipped += len(batch)
-                yield Chunk(index, first, len(batch), digest, None)
-            else:
-                vectors = self.embed(batch, first_index=first, stats=stats, **options)
-                yield Chunk(index, first, len(batch), digest, vectors)
-            first += len(batch)
+                    stats.texts += len(tok)
+                    stats.tokens += tok.tokens
+                    stats.truncated += tok.truncated
+                parts.append(self.vectors(tok, first_index=first + done, **options))
+                done += len(tok)
+                if on_step is not None:
+                    on_step(len(tok))
+            if not parts:
+                return
+            yield Chunk(index, first, done, running.hexdigest(), np.concatenate(parts))
+            first += done
             index += 1
 
     def close(self) -> None:
@@ -314,17 +365,18 @@ def open_pipeline(
     """MODEL (quantize.reference.ModelRef: a GGUF file, a model directory, an HF checkpoint directory, a registry
     name or a hub repo id) loaded and ready.
 
-    AUTO_QUANT plans the quant and GPU layers for this machine (planner.plan_for; ON_PLAN sees the plan
-    before any conversion starts) and claims the planned context up front, so a lack of memory shows (and
-    is retried with fewer GPU layers) now rather than mid-run. runner.model.resolve_model produces the GGUF
-    if missing, after the disk check (PROGRESS and KEEP_F16 are its).
+    AUTO_QUANT plans the quant and GPU layers for this machine (runner.model.plan_run: a pinned model keeps its
+    quant; ON_PLAN sees the plan before any conversion starts) and claims the planned context up front, so a lack
+    of memory shows (and is retried with fewer GPU layers) now rather than mid-run. runner.model.resolve_model
+    produces the GGUF if missing, after the disk check, and pins it (PROGRESS and KEEP_F16 are its).
     """
     if max_length is not None and max_length < 1:
         raise BadInput(f"--max-length {max_length}: must be at least 1")
     ref = ModelRef.parse(model)
     plan, gpu_layers, split = None, 0, None
+    progress = Progress.stderr() if progress is None else progress
     if auto_quant:
-        plan = plan_for(ref, quant, max_length, hardware or HardwareOptions())
+        plan = plan_run(ref, quant, max_length, hardware or HardwareOptions(), progress)
         if on_plan is not None:
             on_plan(plan)
         gpu_layers, split = plan.chosen.n_gpu_layers, plan.tensor_split

@@ -219,7 +219,7 @@ def test_keep_f16_rm_and_prune(ckpt, tmp_path) -> None:
     home = tmp_path / "home" / "ckpt"
     first = run_cli("embed", "-m", str(ckpt), "--auto-quant", "--quant", "Q8_0", "--no-keep-f16", "hi", env=env)
     steps = [line.split(" ")[0] for line in first.stderr.splitlines()]
-    assert steps == ["plan:", "convert:", "quantize:", "removed", "embedded"], first.stderr
+    assert steps == ["plan:", "convert:", "quantize:", "removed", "pinned", "embedded"], first.stderr
     assert "removed ckpt-F16.gguf (" in first.stderr and "--no-keep-f16" in first.stderr
     assert sorted(p.name for p in home.glob("*.gguf")) == ["ckpt-Q8_0.gguf"]
     assert list(json.loads((home / "manifest.json").read_text())["files"]) == ["ckpt-Q8_0.gguf"]

@@ -148,10 +148,11 @@ def embed(
     if not quiet:
         resumed = f" ({counts.skipped} from the interrupted run)" if counts.skipped else ""
         where = f" -> {output}" if output else ""
-        plan_note = f", {pipeline.plan.chosen.quant} on {pipeline.plan.device}" if pipeline.plan else ""
+        model = pipeline.model
+        device = f" on {pipeline.plan.device}" if pipeline.plan else ""
         click.echo(
             f"embedded {counts.texts} texts{resumed}, {counts.tokens} tokens in {run.seconds:.1f} s "
-            f"({counts.tokens / max(run.seconds, 1e-9):.0f} tokens/s; {pipeline.model.path.name}{plan_note}){where}",
+            f"({counts.tokens / max(run.seconds, 1e-9):.0f} tokens/s; {model.path.name}, {model.quant}{device}){where}",
             err=True,
         )
     if run.ranges_saved is not None:  # said even with -q: without these ranges, queries cannot be quantized alike

@@ -91,7 +91,8 @@ def quantize(
     "conversion than the F16 beside them, pooling heads no model uses.",
 )  # fmt: skip
 def models(prune: bool) -> None:
-    """List the models.toml registry with the quants already on disk."""
+    """List the models.toml registry with the quants already on disk, and each model's pinned quant: the one its
+    runs use until --quant picks another."""
     from quantize.files import models_home
     from quantize.progress import size
     from quantize.registry import load_registry
@@ -107,7 +108,7 @@ def models(prune: bool) -> None:
         files = on_disk(models_home() / name)
         have = ", ".join(f"{q} {p.stat().st_size / 2**30:.2f} GiB" for q, p in files.items()) or "not converted"
         click.echo(f"{name}  ({entry.architecture}, {entry.dims}-d, {entry.pooling} pooling, licence {entry.license})")
-        click.echo(f"    source: {entry.package or entry.repo}  on disk: {have}")
+        click.echo(f"    source: {entry.package or entry.repo}  on disk: {have}{_pin_note(models_home() / name)}")
         if entry.license_note:
             click.echo(f"    {entry.license_note}")
     # Converted checkpoints (-m HF_DIR, hub repo ids) live beside the registry's models: `runner rm` takes them too.
@@ -116,7 +117,21 @@ def models(prune: bool) -> None:
     for d in sorted(p for p in home.iterdir() if p.is_dir() and p.name not in registry) if home.is_dir() else []:
         if files := on_disk(d):
             have = ", ".join(f"{q} {size(p.stat().st_size)}" for q, p in files.items())
-            click.echo(f"{d.name}  (converted checkpoint)\n    on disk: {have}")
+            click.echo(f"{d.name}  (converted checkpoint)\n    on disk: {have}{_pin_note(d)}")
+
+
+def _pin_note(directory: Path) -> str:
+    """`; pinned Q6_K` for a model directory with a pin, else nothing (an unreadable manifest says so)."""
+    from quantize.errors import UserError
+    from quantize.manifest import pinned
+
+    if not directory.is_dir():
+        return ""
+    try:
+        held = pinned(directory)
+    except UserError as e:
+        return f"; pin unknown ({e})"
+    return f"; pinned {held['quant']}" if held else ""
 
 
 @click.command(name="rm")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
-from planner import HardwareOptions
+from planner import HardwareOptions, Plan
 from quantize.errors import BadInput
+from quantize.reference import Kind, ModelRef
 from runner.cli.options import AT_LEAST_1, hardware_options, model_option
 
 
@@ -18,14 +20,18 @@ from runner.cli.options import AT_LEAST_1, hardware_options, model_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
 @hardware_options
 def plan_cmd(model: str, quant: str | None, max_length: int | None, as_json: bool, **hw_opts) -> None:
-    """Which quant runs where on this machine: every quant's size and memory, the chosen one marked."""
+    """Which quant runs where on this machine: every quant's size and memory, the chosen one marked, and the file
+    a run uses (a pinned model keeps its quant: see runner embed --quant)."""
     import json
 
-    from planner import plan_for
+    from runner.model import pin_of, plan_run
 
-    p = plan_for(model, quant, max_length, HardwareOptions(**hw_opts))
+    ref = ModelRef.parse(model)
+    p = plan_run(ref, quant, max_length, HardwareOptions(**hw_opts))
+    held = pin_of(ref)
+    file = _planned_file(p, ref)
     if as_json:
-        click.echo(json.dumps(p.as_json(), indent=2))
+        click.echo(json.dumps(p.as_json() | {"file": str(file) if file else None, "pin": held}, indent=2))
         return
     gib = 2**30
     hw = p.hardware
@@ -47,8 +53,24 @@ def plan_cmd(model: str, quant: str | None, max_length: int | None, as_json: boo
     if not any(r.cpu_tokens_per_s for r in p.rows):
         click.echo("CPU tok/s: not measured on this machine; `runner calibrate -m MODEL` measures it (~2 minutes).")
     click.echo(f"chosen: {p.chosen.quant} on {p.device} — {p.reason}.")
+    if ref.kind is Kind.GGUF:
+        note = ""  # a GGUF file is its own pin
+    elif held is None:
+        note = " (the first run pins it)"
+    elif held["quant"] == p.chosen.quant:
+        note = " (pinned)"
+    else:
+        note = f" (pinned: {held['quant']}, {held['file']}; a run with --quant {p.chosen.quant} moves the pin)"
+    click.echo(f"file: {file or '?'}{note}")
     if p.disk and p.disk.items:
         _show_disk(p.disk)
+
+
+def _planned_file(p: Plan, ref: ModelRef) -> Path | None:
+    """The GGUF file a run of REF with plan P uses: a GGUF file itself, else the chosen quant's in the disk plan."""
+    if ref.kind is Kind.GGUF:
+        return ref.path
+    return next((i.path for i in (p.disk.items if p.disk else ()) if i.what == p.chosen.quant), None)
 
 
 def _show_disk(disk) -> None:
