@@ -43,6 +43,8 @@ class Hardware:
     offload: bool  # this llama-cpp-python build can put layers on a GPU
     source: str = "probe"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # This llama.cpp build keeps no logits in embedding mode (scripts/install's; a stock build does keep them).
+    embeddings_only: bool = False
 
     def usable_gpus(self) -> tuple[Gpu, ...]:
         return tuple(g for g in self.gpus if g.free > 0) if self.offload else ()
@@ -54,6 +56,7 @@ class Hardware:
             "ram_total": self.ram_total,
             "cores": self.cores,
             "gpu_offload_supported": self.offload,
+            "engine_embeddings_only": self.embeddings_only,
             "source": self.source,
             "notes": list(self.notes),
         }
@@ -78,7 +81,8 @@ def probe() -> Hardware:
     if gpus is None:
         gpus, more = _nvidia_smi()
         notes += more
-    return Hardware(tuple(gpus or ()), int(mem.available), int(mem.total), cores, _offload_supported(), "probe", notes)
+    hw = Hardware(tuple(gpus or ()), int(mem.available), int(mem.total), cores, _offload_supported(), "probe", notes)
+    return replace(hw, embeddings_only=_embeddings_only())
 
 
 def with_overrides(
@@ -108,6 +112,13 @@ def _offload_supported() -> bool:
     import llama_cpp  # only here: the rest of the planner never loads llama.cpp
 
     return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def _embeddings_only() -> bool:
+    """Whether this llama.cpp build takes embeddings_only (scripts/engine-patches/), asked without a model."""
+    from quantize import llamacpp
+
+    return llamacpp.embeddings_only()
 
 
 def _nvml() -> tuple[list[Gpu] | None, tuple[str, ...]]:

@@ -83,6 +83,13 @@ def system_info() -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
+def embeddings_only() -> bool:
+    """True when this build takes llama_context_params.embeddings_only (scripts/engine-patches/): its embedding
+    contexts reserve no logits and run no LM head. A stock llama-cpp-python reserves logits for every token
+    and runs the qwen2/qwen3 LM head in embedding mode too (planner.memory counts either)."""
+    return hasattr(llama_cpp.llama_context_params, "embeddings_only")
+
+
 def has_amx_kernels() -> bool:
     """True when this build compiled ggml's AMX matmul (which crashed on these machines' CPUs)."""
     return system_info().get("AMX_INT8") == "1"

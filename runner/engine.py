@@ -180,6 +180,8 @@ class Engine:
         self._free_context()
         params = llama_cpp.llama_context_default_params()
         params.embeddings = True
+        if llamacpp.embeddings_only():  # the engine scripts/install builds: no logits buffer, no LM head
+            params.embeddings_only = True
         params.n_ctx = params.n_batch = params.n_ubatch = budget
         self._max_seqs = params.n_seq_max = max_seqs(budget)
         # Some graphs (llama-embed) keep a KV cache; one cache shared by all sequences, cleared per decode.
