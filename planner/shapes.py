@@ -40,6 +40,7 @@ class ModelShape:
     header_bytes: int
     head_bytes: int = 0  # NV-Embed's latent-attention head, float32 in RAM
     per_token_outputs: bool = False  # pooling none: llama.cpp returns every token's state
+    mean_pooling: bool = True  # llama.cpp averages (its compute buffer holds the matrix); known once in a GGUF
     max_length: int | None = None  # the default input length a converted file records (registry's)
     key_length: int | None = None  # per-head width when it is not hidden / heads (Qwen3-0.6B, 4B)
 
@@ -112,6 +113,7 @@ def from_gguf(path: Path) -> ModelShape:
         header_bytes=header.data_offset,
         head_bytes=head,
         per_token_outputs=fields.get(gguf_keys.POOLING) == "latent-attention",
+        mean_pooling=fields.get(f"{arch}.pooling_type", gguf.PoolingType.MEAN) == gguf.PoolingType.MEAN,
         max_length=int(fields[gguf_keys.MAX_LENGTH]) if isinstance(fields.get(gguf_keys.MAX_LENGTH), int) else None,
         key_length=fields.get(f"{arch}.attention.key_length"),
     )

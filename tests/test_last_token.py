@@ -200,14 +200,14 @@ def test_registry_entry_reaches_the_gguf_and_the_query_prompt(tiny_last, tmp_pat
 
 @pytest.mark.parametrize("max_length", [512, 2048])
 def test_buffers_match_llama_cpp(tiny_last, max_length: int) -> None:
-    """KV cache exactly and the compute buffer, logits of every token included (the qwen graphs apply the LM
-    head even in embedding mode), within 3 % of what llama.cpp reports."""
+    """KV cache exactly and the compute buffer, on a stock engine logits of every token included (its qwen graphs
+    apply the LM head even in embedding mode), within 3 % of what llama.cpp reports."""
     from planner.memory import Settings, kv_per_layer, needs
     from planner.shapes import from_gguf
     from quantize import llamacpp
 
     path = tiny_last("qwen3-embedding").gguf("f16")
-    shape, s = from_gguf(path), Settings(max_length)
+    shape, s = from_gguf(path), Settings(max_length, llamacpp.embeddings_only())
     with Engine(path) as engine:
         engine.reserve(max_length)
         got = llamacpp.buffer_sizes()

@@ -234,6 +234,7 @@ def q8_models(tiny, tokenizer_dir, tmp_path_factory):
 def test_peak_rss_within_15_percent(q8_models, tmp_path, model, max_length) -> None:
     """`runner embed --auto-quant --cpu` on a Q8_0 model: predicted RAM vs the process's peak RSS."""
     from planner.shapes import from_gguf
+    from quantize import llamacpp
 
     q8 = q8_models[model]
     texts = tmp_path / "texts.txt"
@@ -248,7 +249,7 @@ def test_peak_rss_within_15_percent(q8_models, tmp_path, model, max_length) -> N
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     measured = int(proc.stdout.split()[-1])
-    predicted = needs(from_gguf(q8), "Q8_0", Settings(max_length)).ram
+    predicted = needs(from_gguf(q8), "Q8_0", Settings(max_length, llamacpp.embeddings_only())).ram
     print(
         f"{model} max length {max_length}: predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB"
     )
