@@ -1,6 +1,7 @@
 """`runner embed`'s work as one function of a loaded pipeline: texts in, vectors streamed to an output (a file, or
-JSON lines on stdout) a chunk at a time, resumable, and the run's counts out. The command parses its options,
-opens the pipeline, calls `run_embed` and prints what the returned stats say.
+JSON lines on stdout) a chunk at a time, resumable, and the run's counts out. An output file names the model file
+and the options that made it (`output_metadata`). The command parses its options, opens the pipeline, calls
+`run_embed` and prints what the returned stats say.
 
 >>> from runner.pipeline import open_pipeline
 >>> with open_pipeline("all-minilm-l6-v2") as pipeline:
@@ -48,6 +49,21 @@ class EmbedStats:
     counts: Stats  # texts embedded now, tokens, truncated, skipped (already on disk from an interrupted run)
     seconds: float
     ranges_saved: Path | None = None
+
+
+def output_metadata(pipeline: Pipeline, options: EmbedOptions, dims: int) -> dict[str, object]:
+    """What made a run's vectors, saved with its output file (runner.io.VectorSink.finish): the model file (name,
+    quant, file name, sha256 as manifest.json records it) and how the vectors were made."""
+    model = pipeline.model
+    return model.identity() | {
+        "pooling": model.pooling,
+        "dimensions": dims,
+        "precision": options.precision,
+        "normalize": options.normalize,
+        "max_length": pipeline.max_length,
+        "query": options.query,
+        "task": (options.task or model.prompts.default_task) if options.query else None,
+    }
 
 
 def run_embed(
@@ -107,5 +123,5 @@ def run_embed(
         except BaseException:
             sink.abandon()
             raise
-    saved = sink.finish()
+    saved = sink.finish(output_metadata(pipeline, options, dims) if output else None)
     return EmbedStats(stats, time.perf_counter() - started, saved)

@@ -6,6 +6,10 @@ part written atomically), and the output file is assembled from the parts when t
 parts/run.json: the model's sha256, not its path) and the same texts (each part's name carries the digest
 of every text up to its end). One run at a time owns an output (`OutputLock`), and a full disk is a
 one-line error that keeps the parts for `--resume`.
+
+Every output file names what made it: the model file (name, quant, file name, sha256) and the options, in a
+parquet file's schema metadata, or beside a .npy/.jsonl file in `<output>.json` (`sidecar_path`). Vectors
+streamed to stdout or a pipe carry nothing.
 """
 
 from __future__ import annotations
@@ -303,9 +307,14 @@ class VectorSink:
         if self.stream is not None and self.stream is not sys.stdout:
             self.stream.close()
 
-    def finish(self) -> Path | None:
+    def finish(self, metadata: dict[str, object] | None = None) -> Path | None:
         """Assemble OUTPUT from this run's parts, in order and in the run's precision (atomically), then remove
-        them. Returns where int8/uint8 ranges were saved (beside OUTPUT, for quantizing queries alike)."""
+        them. Returns where int8/uint8 ranges were saved (beside OUTPUT, for quantizing queries alike).
+
+        METADATA (what made the vectors), with the row count, goes into a parquet file's schema metadata, or into
+        `<output>.json` beside a .npy/.jsonl file, written atomically after it; the sidecar of an output it
+        replaces is removed first, so a crash in between leaves an output with no sidecar, never with another's.
+        """
         self._close_stream()
         if self.path is None or self.parts is None:
             return None
@@ -325,6 +334,7 @@ class VectorSink:
                     np.save(f, ranges)
         rows = (compact.quantize(np.asarray(p), precision, ranges) for p in parts)
         out_dtype, dims = compact.DTYPES[precision], compact.width(precision, self.dims)
+        described, sidecar = (None if metadata is None else metadata | {"rows": n}), sidecar_path(self.path)
         header = _npy_header((n, dims), out_dtype)
         nbytes = len(header) + n * dims * np.dtype(out_dtype).itemsize
         with self._writing(self.path, nbytes if self.fmt == "npy" else None), atomic_path(self.path) as tmp:
@@ -344,7 +354,12 @@ class VectorSink:
                             f.write(json.dumps({"id": i, "embedding": _json_row(v)}) + "\n")
                             i += 1
             else:
-                _write_parquet(tmp, rows, dims, out_dtype)
+                _write_parquet(tmp, rows, dims, out_dtype, described)
+            if self.fmt != "parquet":
+                sidecar.unlink(missing_ok=True)  # it described the output this one replaces
+        if described is not None and self.fmt != "parquet":
+            with self._writing(sidecar, None):
+                write_text_atomic(sidecar, json.dumps(described, indent=2) + "\n")
         del parts
         shutil.rmtree(self.parts, ignore_errors=True)
         return saved
@@ -429,9 +444,21 @@ def _pyarrow():
     return pyarrow
 
 
-def _write_parquet(path: Path, parts: Iterable[np.ndarray], dims: int, dtype: type = np.float32) -> None:
-    """`id` and `embedding`, a fixed-size list of DTYPE (float32, float16, int8 or uint8)."""
+def sidecar_path(output: Path) -> Path:
+    """`<output>.json`: what made a .npy or .jsonl OUTPUT's vectors (VectorSink.finish)."""
+    return output.with_name(output.name + ".json")
+
+
+PARQUET_METADATA_KEY = b"embedrunner"  # a parquet output's schema metadata: the JSON a sidecar would hold
+
+
+def _write_parquet(
+    path: Path, parts: Iterable[np.ndarray], dims: int, dtype: type = np.float32, metadata: dict | None = None
+) -> None:
+    """`id` and `embedding`, a fixed-size list of DTYPE (float32, float16, int8 or uint8); METADATA as JSON in the
+    schema's metadata under PARQUET_METADATA_KEY."""
     pa = _pyarrow()
+    described = {PARQUET_METADATA_KEY: json.dumps(metadata).encode()} if metadata is not None else None
     writer = None
     start = 0
     for p in parts:
@@ -440,14 +467,15 @@ def _write_parquet(path: Path, parts: Iterable[np.ndarray], dims: int, dtype: ty
             {
                 "id": pa.array(np.arange(start, start + len(p))),
                 "embedding": pa.FixedSizeListArray.from_arrays(values, dims),
-            }
+            },
+            metadata=described,
         )
         writer = writer or pa.parquet.ParquetWriter(str(path), table.schema)
         writer.write_table(table)
         start += len(p)
     if writer is None:  # no texts: an empty table with the same columns
         column = pa.list_(pa.from_numpy_dtype(dtype), dims)
-        empty = pa.table({"id": pa.array([], pa.int64()), "embedding": pa.array([], column)})
+        empty = pa.table({"id": pa.array([], pa.int64()), "embedding": pa.array([], column)}, metadata=described)
         writer = pa.parquet.ParquetWriter(str(path), empty.schema)
     writer.close()
 

@@ -39,7 +39,13 @@ errors_option = click.option(
 @click.option("--input", "input_file", help=".txt (one text per line), .jsonl or .parquet file; - for stdin.")
 @click.option("--field", default="text", show_default=True, help="JSONL field or parquet column holding the text.")
 @errors_option
-@click.option("-o", "--output", help="Output file (.npy, .jsonl or .parquet); default: JSON lines on stdout.")
+@click.option(
+    "-o",
+    "--output",
+    help="Output file (.npy, .jsonl or .parquet); default: JSON lines on stdout. A .npy or .jsonl file gets "
+    "<output>.json beside it and a parquet file schema metadata naming the model file (quant, sha256) and the "
+    "options; stdout and streams get none.",
+)
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Default: from --output.")
 @field_option(
     EmbedOptions,
