@@ -141,7 +141,7 @@ def test_openai_client_float_and_base64_match_runner_embed(server, minilm) -> No
     items = texts("embedding_texts.jsonl")
     got = client.embeddings.create(model=MINILM, input=items[:32], encoding_format="float")
     assert [d.index for d in got.data] == list(range(32))
-    assert got.model == MINILM and got.usage.prompt_tokens == got.usage.total_tokens > 32
+    assert got.model == f"{MINILM}:F16" and got.usage.prompt_tokens == got.usage.total_tokens > 32  # name:quant
     floats = np.array([d.embedding for d in got.data], dtype=np.float32)
     assert_same(floats, minilm[:32])
     # Asked for explicitly, base64 comes back as the strings: little-endian float32, bit for bit the floats.
@@ -160,7 +160,7 @@ def test_ollama_client_matches_runner_embed(server, minilm) -> None:
     client = ollama.Client(host=server.url, headers=AUTH)
     items = texts("embedding_texts.jsonl")
     got = client.embed(model=MINILM, input=items[:16])
-    assert got.model == MINILM and got.prompt_eval_count > 16 and got.total_duration > 0
+    assert got.model == f"{MINILM}:F16" and got.prompt_eval_count > 16 and got.total_duration > 0
     assert_same(np.array(got.embeddings, dtype=np.float32), minilm[:16])
     assert_same(np.array(client.embed(model=MINILM, input=items[5]).embeddings, dtype=np.float32), minilm[5:6])
     with pytest.raises(ollama.ResponseError) as e:

@@ -73,8 +73,8 @@ def test_one_token_id_array_is_one_input(minilm_app) -> None:
 
 def test_unknown_api_paths_answer_in_ollamas_shape(minilm_app) -> None:
     """19.6: Ollama's clients read `error` as a string."""
-    r = minilm_app.get("/api/tags")
-    assert r.status_code == 404 and r.json() == {"error": "GET /api/tags: Not Found"}
+    r = minilm_app.get("/api/nothing")
+    assert r.status_code == 404 and r.json() == {"error": "GET /api/nothing: Not Found"}
     r = minilm_app.get("/api/embed")
     assert r.status_code == 405 and isinstance(r.json()["error"], str)
     r = minilm_app.get("/v2/nothing")

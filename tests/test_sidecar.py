@@ -97,3 +97,23 @@ def test_an_output_replaced_without_metadata_loses_the_old_sidecar(tmp_path) -> 
         if metadata:
             assert json.loads(sidecar_path(out).read_text()) == metadata | {"rows": 3}
     assert not sidecar_path(out).exists()
+
+
+def test_the_server_ids_carry_the_quant_as_a_tag(home) -> None:
+    """Ollama's name:tag: `all-minilm-l6-v2:Q8_0` in every response's `model`, /v1/models and /api/tags; the bare
+    name is an alias in requests, another quant is not served here."""
+    from runner.pipeline import open_pipeline
+    from tests.test_server_hostile import app_client
+
+    tagged = f"{MINILM}:Q8_0"
+    with app_client(lambda: open_pipeline(MINILM)) as client:  # the module's pin
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [tagged]
+        (entry,) = client.get("/api/tags").json()["models"]
+        assert entry["name"] == entry["model"] == tagged and entry["details"]["quantization_level"] == "Q8_0"
+        assert entry["digest"] == recorded(home, f"{MINILM}-Q8_0.gguf")
+        for asked in ({"model": tagged}, {"model": MINILM}, {}):
+            assert client.post("/v1/embeddings", json={"input": "a llama"} | asked).json()["model"] == tagged
+            assert client.post("/api/embed", json={"input": "a llama"} | asked).json()["model"] == tagged
+        other = client.post("/v1/embeddings", json={"input": "a llama", "model": f"{MINILM}:F16"})
+        assert other.status_code == 404 and repr(tagged) in other.text
+        assert client.get("/health").json()["model"] == tagged

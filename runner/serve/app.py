@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -25,6 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from quantize.errors import BadInput, UserError
+from quantize.manifest import recorded_sha256
 from runner.serve.batcher import Batcher, Job, Result
 from runner.serve.limits import Limits
 from runner.serve.metrics import Metrics
@@ -58,13 +60,25 @@ class Served:
         self.name = ""
         self.names: tuple[str, ...] = ()
         self.created = int(time.time())
+        self.ollama_entry: dict = {}  # its entry in Ollama's /api/tags
 
     def loaded(self, pipe) -> None:
         resolved = pipe.model
-        self.name = resolved.name
-        # Accepted as `model`: the registry name (or file stem) and the GGUF's stem, which names the quant. Never
-        # the -m argument: a path says where the server's files are to anyone who asks for a wrong model.
-        self.names = tuple(dict.fromkeys([resolved.name, resolved.path.stem]))
+        # Its id is Ollama's name:tag with the file's quant as the tag (all-minilm-l6-v2:Q6_K): every response's
+        # `model` says which file made the vectors.
+        self.name = resolved.tag
+        # Accepted as `model`: the id, the bare name (an alias) and the GGUF's stem. Never the -m argument: a path
+        # says where the server's files are to anyone who asks for a wrong model.
+        self.names = tuple(dict.fromkeys([resolved.tag, resolved.name, resolved.path.stem]))
+        st = resolved.path.stat()
+        self.ollama_entry = {
+            "name": self.name,
+            "model": self.name,
+            "modified_at": datetime.fromtimestamp(st.st_mtime, UTC).isoformat(),
+            "size": st.st_size,
+            "digest": recorded_sha256(resolved.path) or "",  # manifest.json's record: an 8B file is not hashed here
+            "details": {"format": "gguf", "quantization_level": resolved.quant or ""},
+        }
 
 
 def json_response(status: int, body: dict, headers: dict[str, str] | None = None) -> Response:
@@ -177,6 +191,11 @@ def create_app(batcher: Batcher, served: Served, metrics: Metrics, limits: Limit
         data = [{"id": served.name, "object": "model", "created": served.created, "owned_by": "embedrunner"}]
         return json_response(200, {"object": "list", "data": data})
 
+    async def ollama_tags(request: Request) -> Response:
+        access.check_key(request.headers.get("authorization", ""))
+        batcher.check_ready()
+        return json_response(200, {"models": [served.ollama_entry]})
+
     @app.post("/v1/embeddings")
     async def _v1_embeddings(request: Request) -> Response:
         return await answer(request, "/v1/embeddings", openai_embeddings)
@@ -188,6 +207,10 @@ def create_app(batcher: Batcher, served: Served, metrics: Metrics, limits: Limit
     @app.get("/v1/models")
     async def _v1_models(request: Request) -> Response:
         return await answer(request, "/v1/models", list_models)
+
+    @app.get("/api/tags")
+    async def _api_tags(request: Request) -> Response:
+        return await answer(request, "/api/tags", ollama_tags, ollama=True)
 
     @app.get("/health")
     async def _health() -> Response:
