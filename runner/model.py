@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, replace
-from functools import cached_property
 from pathlib import Path
 
 import gguf
@@ -94,15 +93,11 @@ class ResolvedModel:
         """The model as the server names it, Ollama's name:tag with the quant as the tag (all-minilm-l6-v2:Q6_K)."""
         return f"{self.name}:{self.quant}" if self.quant else self.name
 
-    @cached_property
-    def sha256(self) -> str:
-        """The file's sha256, from manifest.json while the file is the one recorded (an 8B file is not hashed
-        each run), else hashed once."""
-        return content_sha256(self.path)
-
     def identity(self) -> dict[str, str | None]:
-        """What names this model file in every output (a sidecar, parquet metadata, a dataset's run record)."""
-        return {"model": self.name, "quant": self.quant, "file": self.path.name, "sha256": self.sha256}
+        """What names this model file in every output (a sidecar, parquet metadata, a dataset's run record): its
+        name, quant, file name and sha256 (manifest.json's while the file is the one recorded: an 8B file is not
+        hashed each run)."""
+        return {"model": self.name, "quant": self.quant, "file": self.path.name, "sha256": content_sha256(self.path)}
 
 
 def file_quant(path: Path, meta: dict[str, object]) -> str | None:
