@@ -1,9 +1,11 @@
 """The README's "what runs where" table: planner/policy.py's choice for each registry LLM on typical machines.
 
-    python -m bench.what_runs_where [--max-length 4096] [--reserve 1GiB]
+    python -m bench.what_runs_where [--max-length 4096] [--reserve 1GiB] [--engine patched|stock]
 
-Computed from the models.toml shapes and the memory model (runner/memory.py), nothing downloaded: one row
-per machine, the chosen quant, where it runs, and the predicted GPU and RAM bytes.
+Computed from the models.toml shapes and the memory model (planner/memory.py), nothing downloaded: one row
+per machine, the chosen quant, where it runs, and the predicted GPU and RAM bytes. `--engine` says which
+llama.cpp build to plan for: the one scripts/install builds (patched: no logits in embedding mode, the
+default) or a stock `pip install llama-cpp-python` (logits reserved, and computed by the Qwen graphs).
 """
 
 from __future__ import annotations
@@ -42,13 +44,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--max-length", type=int, default=4096)
     p.add_argument("--reserve", default="1GiB")
+    p.add_argument("--engine", choices=("patched", "stock"), default="patched")
     args = p.parse_args()
+    embeddings_only = args.engine == "patched"
     reserve = parse_size(args.reserve, "--reserve")
     print(f"| machine (free memory; {args.reserve} kept back per device) | " + " | ".join(MODELS) + " |")
     print("|---|" + "---|" * len(MODELS))
     for label, vram, ram in MACHINES:
         gpus = tuple(Gpu(i, label, int(v * GIB), int(v * GIB)) for i, v in enumerate(vram))
-        hw = with_overrides(Hardware(gpus, ram * GIB, ram * GIB, 8, True, "table"), reserve=reserve)
+        hw = Hardware(gpus, ram * GIB, ram * GIB, 8, True, "table", embeddings_only=embeddings_only)
+        hw = with_overrides(hw, reserve=reserve)
         cells = []
         for model in MODELS:
             shape = resolve_shape(model)
@@ -62,7 +67,7 @@ def main() -> None:
             mem = f"GPU {c.needs.gpu_total / GIB:.1f} + RAM {c.needs.ram / GIB:.1f} GiB"
             cells.append(f"**{c.quant}** {where} ({mem})")
         print(f"| {label}, {ram} GiB RAM | " + " | ".join(cells) + " |")
-    print(f"\n`python -m bench.what_runs_where --max-length {args.max_length}`; GGUF sizes:")
+    print(f"\n`python -m bench.what_runs_where --max-length {args.max_length} --engine {args.engine}`; GGUF sizes:")
     from quantize.quants import FIDELITY
     from quantize.sizes import file_bytes
 
