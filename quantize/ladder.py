@@ -1,4 +1,5 @@
-"""The quant ladder: F16 GGUF -> Q8_0 ... Q2_K through llama.cpp's own quantizer, plus manifest.json."""
+"""The quant ladder: F16 GGUF -> Q8_0 ... Q2_K (and, with an importance matrix, the i-quants) through llama.cpp's
+own quantizer, plus manifest.json."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ from pathlib import Path
 import llama_cpp
 from tqdm import tqdm
 
-from quantize import gguf_keys, llamacpp
+from quantize import gguf_keys, imatrix, llamacpp
 from quantize.errors import BadInput, EngineError
 from quantize.files import atomic_path
 from quantize.gguf_check import check_gguf
 from quantize.manifest import record
 from quantize.progress import SILENT, Progress, size
-from quantize.quants import LADDER
+from quantize.quants import IQUANTS, QUANTS
 from quantize.sizes import nbytes, read_tensors
 from quantize.store import quant_path
 
@@ -32,15 +33,19 @@ def quantize(
     outdir: Path | None = None,
     threads: int | None = None,
     progress: Progress = SILENT,
+    importance: imatrix.Imatrix | None = None,
 ) -> list[Path]:
     """Quantize SOURCE (an F16/F32/BF16 GGUF) to each of QUANTS; returns the files written.
 
+    IMPORTANCE (quantize.imatrix) weighs each column's rounding error by its activations; the i-quants need it.
     PROGRESS gets a bar per quant (llama.cpp's per-tensor log lines, weighted by each tensor's bytes) and one
     summary line per file.
     """
-    unknown = [q for q in quants if q not in LADDER]
+    unknown = [q for q in quants if q not in QUANTS]
     if unknown:
-        raise BadInput(f"unknown quant {', '.join(unknown)}; choose from {', '.join(LADDER)}")
+        raise BadInput(f"unknown quant {', '.join(unknown)}; choose from {', '.join(QUANTS)}")
+    if importance is None and (needs := [q for q in quants if q in IQUANTS]):
+        raise BadInput(f"{', '.join(needs)} need an importance matrix: add --imatrix auto (or --imatrix FILE)")
     # Fails early, with a clear message, on a file that is not a GGUF or whose hyper-parameters would crash
     # llama.cpp's quantizer; a pooling head name with a directory part is refused here, so --outdir D writes in D.
     meta = check_gguf(source).metadata
@@ -51,6 +56,7 @@ def quantize(
     if head := meta.get(gguf_keys.HEAD_FILE):  # NV-Embed: each quant needs the pooling head beside it
         _copy_head(source.parent / str(head), outdir / str(head))
     tensors = {t.name: nbytes(t.type, t.shape) for t in read_tensors(source)[0]}
+    entries = imatrix.quantizer_entries(importance) if importance else None
     written = []
     for i, quant in enumerate(quants, 1):
         dest = quant_path(source, quant, outdir)
@@ -58,6 +64,8 @@ def quantize(
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
         params.nthread = threads
+        if entries is not None:
+            params.imatrix = ctypes.cast(entries, type(params.imatrix))
         with (
             atomic_path(dest) as tmp,
             progress.bar(f"quantize {quant}", sum(tensors.values())) as bar,

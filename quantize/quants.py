@@ -6,12 +6,18 @@ order quants without it.
 
 # llama.cpp's quant ladder, best fidelity first: what `runner quantize` makes from an F16 GGUF.
 LADDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
-# What the planner chooses from: the F16 file the converter writes, then the ladder.
+# llama.cpp's i-quants that `runner quantize` makes only with an importance matrix (quantize/imatrix.py): without
+# one IQ3_XXS and IQ2_M are refused by llama.cpp and IQ4_XS/IQ3_M lose more than the K-quant of their size.
+IQUANTS = ["IQ4_XS", "IQ3_M", "IQ3_XXS", "IQ2_M"]
+# What the planner chooses from: the F16 file the converter writes, then the ladder. The i-quants are not in it:
+# the planner has no retention figures for them yet, and a plan must not ask for a file that needs an imatrix.
 FIDELITY = ["F16", *LADDER]
 # The unquantized types a converted file can have; any of them is a source for the ladder.
 UNQUANTIZED = ["F32", "F16", "BF16"]
+# Every quant, by bits per weight on the 8B shape, highest first (the i-quants between the K-quants of their size).
+QUANTS = [*LADDER[:6], "IQ4_XS", "Q3_K_L", "Q3_K_M", "IQ3_M", "Q3_K_S", "IQ3_XXS", "Q2_K", "IQ2_M"]
 # Highest fidelity first: what `-m DIR` picks when no --quant is given.
-PREFERENCE = [*UNQUANTIZED, *LADDER]
+PREFERENCE = [*UNQUANTIZED, *QUANTS]
 # Expected mean cosine to the F16 vectors, from `python -m bench.retention --markdown --texts 1000` on
 # SmolLM2-135M's real weights (the README's retention table). Quants that run has not measured are absent:
 # the planner treats them as unknown, never as good enough for `--prefer balanced`.

@@ -16,6 +16,17 @@ llama-cpp-python 0.3.36), for the ftypes of our ladder and dense (non-expert, no
 - a row length not divisible by the type's block falls back: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0,
   Q5_K -> Q5_1, Q6_K -> Q8_0, and to F16 if that does not divide either.
 
+The i-quants (IQ4_XS, IQ3_M, IQ3_XXS, IQ2_M), as quantized here: always with an importance matrix:
+
+- base types IQ4_XS, IQ3_S (IQ3_M), IQ3_XXS, IQ2_S (IQ2_M); token_embd as the output tensor: Q5_K for
+  IQ3_XXS and IQ2_M, Q6_K for IQ4_XS and IQ3_M;
+- IQ4_XS: attn_v -> Q5_K when n_head/n_head_kv >= 4;
+- IQ3_M: attn_v and attn_output -> Q4_K, ffn_down -> Q4_K below n_layer/8;
+- IQ3_XXS: attn_v -> Q4_K when n_head/n_head_kv >= 4; attn_q and attn_k -> IQ2_S; attn_output -> IQ3_S;
+- IQ2_M: attn_v -> Q4_K when n_head/n_head_kv >= 4 else IQ3_S; ffn_down below n_layer/8 and attn_output ->
+  IQ3_S;
+- a row not divisible by 256 falls back to IQ4_NL (blocks of 32), then F16.
+
 "More bits" layers: i < n/8, i >= 7n/8, or (i - n/8) % 3 == 2. Each tensor's data is padded to the
 file's alignment (32 bytes); the header (metadata, tokenizer, tensor index) is the F16 file's.
 """
@@ -46,8 +57,21 @@ BASE_TYPE = {
     "Q3_K_M": Q.Q3_K,
     "Q3_K_S": Q.Q3_K,
     "Q2_K": Q.Q2_K,
+    "IQ4_XS": Q.IQ4_XS,
+    "IQ3_M": Q.IQ3_S,
+    "IQ3_XXS": Q.IQ3_XXS,
+    "IQ2_M": Q.IQ2_S,
 }
-FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+FALLBACK = {
+    Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0,
+    Q.IQ4_XS: Q.IQ4_NL, Q.IQ3_S: Q.IQ4_NL, Q.IQ3_XXS: Q.IQ4_NL, Q.IQ2_S: Q.IQ4_NL,
+}  # fmt: skip
+# attn_output's type where it differs from the base type.
+ATTN_OUTPUT = {
+    "Q2_K": Q.Q3_K, "Q3_K_M": Q.Q4_K, "Q3_K_L": Q.Q5_K, "IQ3_XXS": Q.IQ3_S, "IQ3_M": Q.Q4_K, "IQ2_M": Q.IQ3_S,
+}  # fmt: skip
+# The output tensor (token_embd in a model without one) of the i-quants whose ftype llama.cpp lists for Q5_K.
+OUTPUT_Q5_K = ("IQ3_XXS", "IQ2_M")
 NEVER_QUANTIZED = ("position_embd.weight", "token_types.weight")
 
 
@@ -98,10 +122,19 @@ def tensor_types(
             continue
         new = base
         if name == "output.weight" or (name == "token_embd.weight" and not has_output):
-            new = Q.Q8_0 if not _blocks_fit(base, t.row) or base == Q.Q8_0 else Q.Q6_K
+            if not _blocks_fit(base, t.row) or base == Q.Q8_0:
+                new = Q.Q8_0
+            else:
+                new = Q.Q5_K if quant in OUTPUT_Q5_K else Q.Q6_K
         elif "attn_v.weight" in name or "attn_qkv.weight" in name:
             i = i_attn_v
-            if quant == "Q2_K":
+            if quant in ("IQ2_M", "IQ3_XXS"):
+                new = Q.Q4_K if n_gqa >= 4 else (Q.IQ3_S if quant == "IQ2_M" else Q.IQ3_XXS)
+            elif quant == "IQ3_M":
+                new = Q.Q4_K
+            elif quant == "IQ4_XS" and n_gqa >= 4:
+                new = Q.Q5_K
+            elif quant == "Q2_K":
                 new = Q.Q4_K if n_gqa >= 4 else Q.Q3_K
             elif quant == "Q3_K_M":
                 new = Q.Q5_K if i < 2 else Q.Q4_K
@@ -114,7 +147,11 @@ def tensor_types(
             i_attn_v += 1
         elif "ffn_down" in name:
             i = i_ffn_down
-            if quant == "Q2_K":
+            if quant == "IQ2_M" and i < n_layers // 8:
+                new = Q.IQ3_S
+            elif quant == "IQ3_M" and i < n_layers // 8:
+                new = Q.Q4_K
+            elif quant == "Q2_K":
                 new = Q.Q3_K
             elif quant == "Q3_K_M":
                 new = Q.Q5_K if i < n_layers // 16 else Q.Q4_K
@@ -126,7 +163,9 @@ def tensor_types(
                 new = Q.Q5_K
             i_ffn_down += 1
         elif "attn_output.weight" in name:
-            new = {"Q2_K": Q.Q3_K, "Q3_K_M": Q.Q4_K, "Q3_K_L": Q.Q5_K}.get(quant, base)
+            new = ATTN_OUTPUT.get(quant, base)
+        elif quant == "IQ3_XXS" and ("attn_q.weight" in name or "attn_k.weight" in name):
+            new = Q.IQ2_S
         if not _blocks_fit(new, t.row):
             new = FALLBACK.get(new, new)
             if not _blocks_fit(new, t.row):

@@ -60,6 +60,8 @@ class Engine:
             params.use_extra_bufts = False
         self._ctx = None
         self._budget = 0
+        # Set before the first embed to see every tensor llama.cpp computes (quantize.imatrix collects with it).
+        self.eval_callback: llama_cpp.ggml_backend_sched_eval_callback | None = None
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
             why = llamacpp.last_error()
@@ -187,6 +189,8 @@ class Engine:
         # Some graphs (llama-embed) keep a KV cache; one cache shared by all sequences, cleared per decode.
         params.kv_unified = True
         params.n_threads = params.n_threads_batch = self.n_threads
+        if self.eval_callback is not None:
+            params.cb_eval = self.eval_callback
         self._ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not self._ctx:
             raise OutOfMemory(

@@ -1,0 +1,287 @@
+"""An importance matrix measured the way an embedder runs, in llama.cpp's imatrix GGUF format.
+
+llama.cpp's `llama-imatrix` runs a causal LM over perplexity chunks. An embedder runs otherwise: its own
+attention (bidirectional for nemotron, NV-Embed, gte-Qwen2), its instruction prompt on queries, short texts
+packed into micro-batches, its pooling. `collect` runs the model through the same Engine and Pipeline as
+`runner embed`, with a `cb_eval` callback that sees every matrix multiplication as llama.cpp computes it and,
+as tools/imatrix/imatrix.cpp does, adds the square of each input column to that weight's sums and counts the
+rows (tokens). The file `save` writes is the one `llama-quantize --imatrix` reads (common/imatrix-loader.cpp):
+`general.type = "imatrix"`, `imatrix.datasets`, `imatrix.chunk_count`, `imatrix.chunk_size`, and per weight
+`<name>.in_sum2` (F32, ne = [columns, matrices]) and `<name>.counts` (F32, ne = [1, matrices]).
+
+`quantizer_entries` turns one into what llama_model_quantize_params.imatrix takes: a NULL-terminated array
+of `llama_model_imatrix_data {name, data, size}` holding in_sum2 / counts, as llama-quantize passes it.
+Dense models only: MUL_MAT_ID (mixture-of-experts) is not collected, as no embedder here has experts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import gguf
+import llama_cpp
+import numpy as np
+from llama_cpp import _ggml
+
+from quantize.errors import BadInput, CorruptModelFile
+from quantize.files import atomic_path
+from quantize.progress import SILENT, Progress
+
+CALIBRATION = "imatrix-calibration.jsonl"  # shipped in quantize/data/
+KEY_TYPE = "general.type"
+KEY_DATASETS = "imatrix.datasets"
+KEY_CHUNK_COUNT = "imatrix.chunk_count"
+KEY_CHUNK_SIZE = "imatrix.chunk_size"
+SUM2 = ".in_sum2"
+COUNTS = ".counts"
+_BATCH_TEXTS = 16  # texts per Pipeline.embed call: the progress bar's step
+
+
+@dataclass(frozen=True)
+class CalibrationText:
+    text: str
+    query: bool  # embedded with the model's query prompt (its instruction template), else as a document
+
+
+@dataclass
+class Imatrix:
+    """Per weight name: the sum of squared inputs per column (matrices x columns) and the rows seen per matrix."""
+
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, np.ndarray] = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+
+    def add(self, name: str, rows: np.ndarray) -> None:
+        """Add ROWS (tokens x columns, float32) seen at the input of weight NAME."""
+        squares = np.einsum("ij,ij->j", rows, rows, dtype=np.float64).astype(np.float32)
+        if name not in self.sums:
+            self.sums[name] = np.zeros((1, rows.shape[1]), np.float32)
+            self.counts[name] = np.zeros(1, np.float32)
+        elif self.sums[name].shape[1] != rows.shape[1]:
+            raise CorruptModelFile(f"{name}: inputs {rows.shape[1]} wide after {self.sums[name].shape[1]}")
+        self.sums[name][0] += squares
+        self.counts[name][0] += rows.shape[0]
+
+    def values(self, name: str) -> np.ndarray:
+        """What the quantizer weighs columns by: the mean square per column (1 where no row was seen)."""
+        sums, counts = self.sums[name], self.counts[name]
+        safe = np.where(counts > 0, counts, 1.0)[:, None]
+        return np.where(counts[:, None] > 0, sums / safe, 1.0).astype(np.float32).ravel()
+
+    @property
+    def tokens(self) -> int:
+        return int(max((c.max() for c in self.counts.values()), default=0))
+
+
+# --- the calibration set -------------------------------------------------------------------------
+def calibration_texts(path: Path | None = None) -> list[CalibrationText]:
+    """The shipped calibration set, or PATH: `.jsonl` (strings, or objects with `text` and optional
+    `"query": true`) or `.txt` (one document per line)."""
+    if path is None:
+        lines = resources.files("quantize.data").joinpath(CALIBRATION).read_text("utf-8").splitlines()
+        where = CALIBRATION
+    else:
+        try:
+            lines = Path(path).read_text("utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"--texts {path}: cannot read it ({e})") from None
+        where = str(path)
+        if Path(path).suffix != ".jsonl":
+            return [CalibrationText(line, False) for line in lines if line.strip()]
+    texts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{where} line {n}: not JSON ({e.msg})") from None
+        if isinstance(item, str):
+            item = {"text": item}
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str) or not item["text"].strip():
+            raise BadInput(f"{where} line {n}: expected a string or an object with a non-empty `text`")
+        texts.append(CalibrationText(item["text"], bool(item.get("query", False))))
+    if not texts:
+        raise BadInput(f"{where}: no calibration texts")
+    return texts
+
+
+def dataset_name(path: Path | None) -> str:
+    return CALIBRATION if path is None else Path(path).name
+
+
+# --- collection ----------------------------------------------------------------------------------
+class _Tensor(ctypes.Structure):
+    """struct ggml_tensor of the vendored ggml (ggml/include/ggml.h, GGML_MAX_DIMS 4, GGML_MAX_SRC 10)."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * 64),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+def _ggml_op(name: bytes) -> int:
+    op_name = _ggml.libggml.ggml_op_name
+    op_name.restype, op_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
+    return next(i for i in range(256) if op_name(i) == name)
+
+
+def _weight_name(raw: bytes) -> str:
+    """The weight's own name: a copy on another backend is named `CPU#blk.0.attn_q.weight#0`."""
+    name = raw.decode("utf-8", "replace")
+    return name.split("#")[1] if "#" in name else name
+
+
+class _Collector:
+    """The cb_eval callback: says yes to each MUL_MAT of a layer weight on F32 inputs, then adds its inputs."""
+
+    def __init__(self, into: Imatrix) -> None:
+        self.into = into
+        self.mul_mat = _ggml_op(b"MUL_MAT")
+        self.tensor_get = _ggml.libggml.ggml_backend_tensor_get
+        self.tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
+
+    def _on_tensor(self, t_ptr: int, ask: bool, _user: int) -> bool:
+        t = _Tensor.from_address(t_ptr)
+        if t.op != self.mul_mat or not t.src[0] or not t.src[1]:
+            return False
+        src0, src1 = _Tensor.from_address(t.src[0]), _Tensor.from_address(t.src[1])
+        name = _weight_name(src0.name)
+        if not name.startswith("blk.") or src1.type != gguf.GGMLQuantizationType.F32:
+            return False
+        if ask:
+            return True
+        ne, nb = list(src1.ne), list(src1.nb)
+        extent = sum((n - 1) * s for n, s in zip(ne, nb, strict=True)) + 4  # bytes a strided view spans
+        buf = np.empty(extent // 4 + 1, np.float32)
+        self.tensor_get(t.src[1], buf.ctypes.data, 0, extent)
+        view = np.lib.stride_tricks.as_strided(buf, shape=ne[::-1], strides=nb[::-1])
+        self.into.add(name, np.ascontiguousarray(view).reshape(-1, ne[0]))
+        return True
+
+
+def collect(
+    model: Path,
+    texts: list[CalibrationText],
+    dataset: str = CALIBRATION,
+    threads: int | None = None,
+    progress: Progress = SILENT,
+) -> Imatrix:
+    """Run MODEL (a GGUF, ideally F16) in embedding mode over TEXTS and return its importance matrix."""
+    from runner.engine import Engine
+    from runner.pipeline import Pipeline
+
+    imatrix = Imatrix(datasets=[dataset])
+    collector = _Collector(imatrix)
+    with Engine(model, n_threads=threads) as engine, progress.bar("imatrix", len(texts), unit="text") as bar:
+        engine.eval_callback = collector.callback
+        pipeline = Pipeline(engine)
+        for batch in _batches(texts):
+            for query in (False, True):
+                part = [t.text for t in batch if t.query == query]
+                if part:
+                    pipeline.embed(part, query=query)
+            bar.update(len(batch))
+    if not imatrix.sums:
+        raise CorruptModelFile(f"{model}: no layer weight was multiplied while embedding; nothing to collect")
+    imatrix.chunk_count = len(texts)
+    imatrix.chunk_size = math.ceil(imatrix.tokens / len(texts))
+    return imatrix
+
+
+def _batches(texts: list[CalibrationText]) -> Iterator[list[CalibrationText]]:
+    for i in range(0, len(texts), _BATCH_TEXTS):
+        yield texts[i : i + _BATCH_TEXTS]
+
+
+# --- the file ------------------------------------------------------------------------------------
+def save(imatrix: Imatrix, path: Path) -> Path:
+    """Write IMATRIX to PATH in llama.cpp's imatrix GGUF format (atomically); returns PATH."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch="", endianess=gguf.GGUFEndian.LITTLE)
+        writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # an imatrix file names no architecture
+        writer.add_string(KEY_TYPE, "imatrix")
+        writer.add_array(KEY_DATASETS, imatrix.datasets)
+        writer.add_uint32(KEY_CHUNK_COUNT, imatrix.chunk_count)
+        writer.add_uint32(KEY_CHUNK_SIZE, imatrix.chunk_size)
+        for name in sorted(imatrix.sums):  # llama-imatrix's order: sorted names
+            writer.add_tensor(name + SUM2, imatrix.sums[name])
+            writer.add_tensor(name + COUNTS, imatrix.counts[name][:, None])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return path
+
+
+def load(path: Path) -> Imatrix:
+    """Read an imatrix GGUF (ours or llama-imatrix's); a file that is not one is a BadInput naming it."""
+    try:
+        reader = gguf.GGUFReader(path)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"--imatrix {path}: not an imatrix GGUF ({e})") from None
+    fields = reader.fields
+    missing = [k for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE) if k not in fields]
+    if missing:
+        why = f"no {', '.join(missing)}"
+        raise BadInput(f"--imatrix {path}: not an imatrix GGUF ({why}); make one with `runner imatrix`")
+    out = Imatrix(
+        datasets=[str(v) for v in fields[KEY_DATASETS].contents()],
+        chunk_count=int(fields[KEY_CHUNK_COUNT].contents()),
+        chunk_size=int(fields[KEY_CHUNK_SIZE].contents()),
+    )
+    tensors = {t.name: np.array(t.data, np.float32) for t in reader.tensors}
+    for key, data in tensors.items():
+        if key.endswith(SUM2):
+            name = key[: -len(SUM2)]
+            counts = tensors.get(name + COUNTS)
+            if counts is None:
+                raise BadInput(f"--imatrix {path}: {name} has sums but no counts")
+            out.counts[name] = counts.reshape(-1)
+            out.sums[name] = data.reshape(out.counts[name].size, -1)
+    if not out.sums:
+        raise BadInput(f"--imatrix {path}: holds no importance data")
+    return out
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def quantizer_entries(imatrix: Imatrix) -> ctypes.Array:
+    """llama_model_imatrix_data entries, one per weight, ending in a NULL name: llama_model_quantize_params.imatrix.
+
+    The array keeps the float arrays its entries point into (llama.cpp copies them when quantizing starts).
+    """
+    names = sorted(imatrix.sums)
+    values = [imatrix.values(name) for name in names]
+    entries = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+    for entry, name, data in zip(entries, names, values, strict=False):
+        entry.name = name.encode()
+        entry.data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entry.size = data.size
+    entries.values = values
+    return entries

@@ -1,0 +1,111 @@
+"""The importance matrix: collected the way the embedder runs, saved as llama.cpp reads it, carried into the quantizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quantize import imatrix
+from quantize.errors import BadInput, EngineError
+from quantize.ladder import quantize
+from quantize.quants import IQUANTS
+from tests.conftest import DATA, texts
+
+CALIBRATION = [imatrix.CalibrationText(t, query=i % 3 == 0) for i, t in enumerate(texts("tokenizer_corpus.jsonl")[:48])]
+
+
+@pytest.fixture(scope="module")
+def f16(tiny):
+    return tiny("nemotron").gguf("f16")
+
+
+@pytest.fixture(scope="module")
+def collected(f16) -> imatrix.Imatrix:
+    return imatrix.collect(f16, CALIBRATION, dataset="test")
+
+
+def test_collects_every_layer_matmul_from_the_embedding_run(f16, collected) -> None:
+    """Each layer weight is seen once per token; weights fed the same input (q, k, v) get the same sums."""
+    from quantize.sizes import read_tensors
+    from runner.engine import Engine
+    from runner.pipeline import Pipeline
+
+    weights = {t.name for t in read_tensors(f16)[0] if t.name.startswith("blk.") and len(t.shape) == 2}
+    assert set(collected.sums) == weights
+    with Engine(f16) as engine:
+        pipeline = Pipeline(engine)
+        docs = pipeline.tokenize([t.text for t in CALIBRATION if not t.query]).tokens
+        queries = pipeline.tokenize([t.text for t in CALIBRATION if t.query], query=True).tokens
+    for name in weights:
+        assert collected.counts[name].tolist() == [docs + queries], name
+        assert np.isfinite(collected.sums[name]).all() and (collected.sums[name] > 0).all()
+    q, k, v = (collected.sums[f"blk.0.attn_{x}.weight"] for x in "qkv")
+    np.testing.assert_array_equal(q, k)
+    np.testing.assert_array_equal(q, v)
+    assert collected.tokens == docs + queries
+
+
+def test_file_is_llama_cpp_imatrix_gguf(collected, tmp_path) -> None:
+    """The keys and tensor names llama.cpp's common/imatrix-loader.cpp reads, ne = [columns, 1] and [1, 1]."""
+    import gguf
+
+    path = imatrix.save(collected, tmp_path / "m.imatrix.gguf")
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.type"].contents() == "imatrix"
+    assert reader.fields["imatrix.datasets"].contents() == ["test"]
+    assert reader.fields["imatrix.chunk_count"].contents() == len(CALIBRATION)
+    assert reader.fields["imatrix.chunk_size"].types == [gguf.GGUFValueType.UINT32]
+    assert "general.architecture" not in reader.fields
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == {n + s for n in collected.sums for s in (".in_sum2", ".counts")}
+    t = tensors["blk.0.ffn_down.weight.in_sum2"]
+    assert t.tensor_type == gguf.GGMLQuantizationType.F32 and list(t.shape) == [768, 1]
+    assert list(tensors["blk.0.ffn_down.weight.counts"].shape) == [1, 1]
+    back = imatrix.load(path)
+    for name in collected.sums:
+        np.testing.assert_array_equal(back.sums[name], collected.sums[name])
+        np.testing.assert_array_equal(back.values(name), collected.sums[name].ravel() / collected.counts[name][0])
+    assert (back.datasets, back.chunk_count, back.chunk_size) == (["test"], collected.chunk_count, collected.chunk_size)
+
+
+def test_load_refuses_what_is_not_an_imatrix(f16, tmp_path) -> None:
+    with pytest.raises(BadInput, match="not an imatrix GGUF"):
+        imatrix.load(f16)
+    (tmp_path / "x").write_text("hello")
+    with pytest.raises(BadInput, match="--imatrix"):
+        imatrix.load(tmp_path / "x")
+
+
+def test_quantizer_uses_the_imatrix(f16, collected, tmp_path) -> None:
+    """The same quant with and without the imatrix differs, and llama.cpp reads the values: a NaN is refused."""
+    plain = quantize(f16, ["Q4_K_M"], tmp_path / "plain")[0]
+    weighted = quantize(f16, ["Q4_K_M"], tmp_path / "imatrix", importance=collected)[0]
+    assert plain.stat().st_size == weighted.stat().st_size
+    assert plain.read_bytes() != weighted.read_bytes()
+    broken = imatrix.Imatrix({k: v.copy() for k, v in collected.sums.items()}, dict(collected.counts))
+    broken.sums["blk.1.ffn_up.weight"][0, 3] = np.nan
+    with pytest.raises(EngineError, match="could not quantize"):
+        quantize(f16, ["Q4_K_M"], tmp_path / "nan", importance=broken)
+    assert not list((tmp_path / "nan").glob("*.gguf"))
+
+
+def test_iquants_need_an_imatrix(f16, tmp_path) -> None:
+    with pytest.raises(BadInput, match="IQ4_XS need an importance matrix"):
+        quantize(f16, ["Q4_K_M", "IQ4_XS"], tmp_path)
+
+
+def test_iquant_sizes_predicted_exactly(f16, collected, tmp_path) -> None:
+    """quantize/sizes.py gives each i-quant's bytes exactly, and the vectors still hold."""
+    from planner.shapes import from_gguf
+    from quantize.sizes import file_bytes, read_tensors
+    from tests.conftest import embed_file
+    from tests.reference import cosines
+
+    shape = from_gguf(f16)
+    specs, header = read_tensors(f16)
+    for path, quant in zip(quantize(f16, IQUANTS, tmp_path, importance=collected), IQUANTS, strict=True):
+        predicted = file_bytes(specs, quant, header, shape.layers, shape.n_gqa)
+        assert predicted == path.stat().st_size, (quant, predicted, path.stat().st_size)
+    got = embed_file(tmp_path / "hf-IQ4_XS.gguf", DATA / "embedding_texts.jsonl", tmp_path / "v.npy")
+    f16_vectors = embed_file(f16, DATA / "embedding_texts.jsonl", tmp_path / "f.npy")
+    assert cosines(got, f16_vectors).mean() > 0.9
