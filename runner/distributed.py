@@ -14,12 +14,12 @@ Two pieces:
   part's metadata naming the run and the digest of the shard's input rows. A killed actor's shard is simply
   done again by its restarted replacement: every row lands exactly once.
 
-A job locks OUTPUT_DIR and records what made it in `OUTPUT_DIR/_run.json` (the model's sha256, the options,
-the inputs): a rerun with the same ones writes only the shards whose part is missing or does not verify, any
-other rerun is refused unless --overwrite. The GGUF is resolved (converted or quantized if missing) once on
-the driver; actors get its path and plan only its placement on their own device (Ray sets
-CUDA_VISIBLE_DEVICES), so they never convert at once. For a multi-node cluster, the GGUF and OUTPUT_DIR must
-be at the same path on every node (a shared filesystem).
+A job locks OUTPUT_DIR and records what made it in `OUTPUT_DIR/_run.json` (the model file: its name, quant,
+file name, sha256 and pooling; the options; the inputs): a rerun with the same ones writes only the shards whose
+part is missing or does not verify, any other rerun is refused unless --overwrite. The GGUF is resolved
+(converted or quantized if missing; a pinned model keeps its quant) once on the driver; actors get its path and
+plan only its placement on their own device (Ray sets CUDA_VISIBLE_DEVICES), so they never convert at once. For
+a multi-node cluster, the GGUF and OUTPUT_DIR must be at the same path on every node (a shared filesystem).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -41,8 +42,10 @@ from planner import HardwareOptions
 from quantize import errors as errors_module
 from quantize.errors import BadInput, EngineError, UserError
 from quantize.files import atomic_path, write_text_atomic
-from quantize.manifest import content_sha256
 from runner.inputs import INPUT_SUFFIXES, count_texts, line_starts, read_records
+
+if TYPE_CHECKING:  # runner.model loads llama.cpp: the CLI imports this module without it
+    from runner.model import ResolvedModel
 
 log = logging.getLogger("runner")
 
@@ -116,7 +119,7 @@ class RayEmbedder:
 
 
 # --- runner embed-dataset ----------------------------------------------------------------------------------
-RUN_FILE = "_run.json"  # what made OUTPUT_DIR's parts: the model's sha256, the options, the inputs
+RUN_FILE = "_run.json"  # what made OUTPUT_DIR's parts: the model file, the options, the inputs
 _PART = re.compile(r"part-\d{5,}\.parquet")
 _PART_TEMPS = ".part-*.parquet.partial-*"  # quantize.files.atomic_path's temp names for a part
 _SHARD_KEY = b"embedrunner.shard"  # a part's parquet schema metadata: its run, shard and input digest
@@ -243,11 +246,11 @@ def _kind(value: object) -> str:
     return "an integer" if isinstance(value, int) else "a string"
 
 
-def run_record(files: list[str], gguf: Path, **options: object) -> dict:
+def run_record(files: list[str], model: ResolvedModel, **options: object) -> dict:
     """RUN_FILE's content: what a rerun into the same folder must share (the rows themselves are checked shard by
-    shard, by digest)."""
+    shard, by digest). MODEL is named as in every output of runner embed (its name, quant, file and sha256)."""
     inputs = [f if "://" in f else str(Path(f).resolve()) for f in files]
-    return {"model": {"file": gguf.name, "sha256": content_sha256(gguf)}, "inputs": inputs, **options}
+    return {"model": model.identity() | {"pooling": model.pooling}, "inputs": inputs, **options}
 
 
 def _run_key(record: dict) -> str:
@@ -256,7 +259,7 @@ def _run_key(record: dict) -> str:
 
 def _show(value: object) -> str:
     if isinstance(value, dict) and "file" in value:
-        return f"{value['file']} {str(value.get('sha256'))[:12]}"
+        return f"{value['file']} ({value.get('quant')}, sha256 {str(value.get('sha256'))[:12]})"
     if isinstance(value, list):
         return f"{len(value)} files from {value[0]}" if value else "none"
     return json.dumps(value)
@@ -371,6 +374,7 @@ class DatasetSummary:
     truncated: int
     seconds: float
     threads: int = 0  # llama.cpp's threads in each worker
+    model: ResolvedModel | None = None  # the file every row was embedded with
 
 
 def embed_dataset(
@@ -416,33 +420,38 @@ def embed_dataset(
     # One job per folder, refused now, before it loads or reads anything; the lock file lives in the folder.
     with OutputLock(out / RUN_FILE, option="OUTPUT_DIR"):
         shards = check_inputs(plan_shards(files, shard_rows), column, id_column, errors, progress)
-        gguf = _model_file(model, quant, max_length, hardware)
+        resolved = _model_file(model, quant, max_length, hardware)
         options = dict(column=column, id_column=id_column, shard_rows=shard_rows, errors=errors, query=query,
                        task=task, max_length=max_length)  # fmt: skip
-        record = run_record(files, gguf, **options)
+        record = run_record(files, resolved, **options)
         prepare_output(out, record, overwrite)
         key = _run_key(record)
         todo = [s for s in shards if not part_complete(Path(shard_path(output_dir, s.index)), s, key)]
-        summary = DatasetSummary(len(shards), len(shards) - len(todo), 0, 0, 0.0)
+        summary = DatasetSummary(len(shards), len(shards) - len(todo), 0, 0, 0.0, model=resolved)
         if todo:
             writer = dict(output_dir=output_dir, column=column, id_column=id_column, run_key=key, errors=errors,
-                          model=str(gguf), quant="auto", query=query, task=task, max_length=max_length)  # fmt: skip
+                          model=str(resolved.path), quant="auto", query=query, task=task,
+                          max_length=max_length)  # fmt: skip
             _run_shards(todo, writer, address, workers, gpus_per_worker, cpus_per_worker, summary, progress)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _model_file(model: str, quant: str | None, max_length: int | None, hardware: HardwareOptions | None) -> Path:
+def _model_file(
+    model: str, quant: str | None, max_length: int | None, hardware: HardwareOptions | None
+) -> ResolvedModel:
     """The GGUF, produced once here before any worker starts (planned with HARDWARE: say --vram for the workers'
-    GPUs when this machine has none); workers only load it and plan its placement."""
-    from planner import plan_for
+    GPUs when this machine has none); workers only load it and plan its placement. A pinned model keeps its quant
+    (runner/model.py), as in runner embed."""
+    from quantize.progress import Progress
     from quantize.reference import ModelRef
-    from runner.model import resolve_model
+    from runner.model import plan_run, resolve_model
 
     ref = ModelRef.parse(model)
     auto = quant is not None and quant.lower() == "auto"
-    plan = plan_for(ref, None, max_length, hardware) if auto else None
-    return resolve_model(ref, None if auto else quant, plan=plan).path
+    progress = Progress.stderr()
+    plan = plan_run(ref, None, max_length, hardware, progress) if auto else None
+    return resolve_model(ref, None if auto else quant, progress=progress, plan=plan)
 
 
 def _run_shards(

@@ -30,6 +30,7 @@ from runner.distributed import (
     write_part,
 )
 from runner.io import OutputLock
+from runner.model import Prompts, ResolvedModel
 from tests.conftest import run_cli
 
 pq = pytest.importorskip("pyarrow.parquet")
@@ -45,7 +46,12 @@ def job(tmp_path: Path):
     model = tmp_path / "m-Q8_0.gguf"
     model.write_bytes(b"weights one")
     files = [str(tmp_path / "a.txt")]
-    return tmp_path, files, model, run_record(files, model, **OPTIONS)
+    return tmp_path, files, model, run_record(files, stand_in(model), **OPTIONS)
+
+
+def stand_in(path: Path) -> ResolvedModel:
+    """PATH as the model a run resolved (only its sha256 is read here)."""
+    return ResolvedModel(path, Prompts.plain(), None, None, "m", "Q8_0", "mean")
 
 
 @pytest.mark.parametrize(
@@ -74,7 +80,7 @@ def test_a_rerun_made_otherwise_is_refused_naming_the_option(job, change, says) 
         files = [str(root / change.pop("inputs"))]
     options.update(change)
     with pytest.raises(BadInput) as e:
-        prepare_output(out, run_record(files, model, **options), overwrite=False)
+        prepare_output(out, run_record(files, stand_in(model), **options), overwrite=False)
     assert says in str(e.value) and str(e.value).endswith("choose a new output folder or pass --overwrite")
 
 

@@ -42,6 +42,9 @@ def test_the_pin_survives_a_calibration_and_an_auto_quant_run(tmp_path, monkeypa
     assert f"pinned F16 ({MINILM}-F16.gguf) kept; the plan for this machine picks Q6_K" in auto.stderr
     assert "--quant Q6_K moves the pin" in auto.stderr and f"{MINILM}-F16.gguf, F16 on cpu)" in auto.stderr
     assert pin_in(home) == "F16" and not (home / f"{MINILM}-Q6_K.gguf").exists()
+    from runner.distributed import _model_file  # runner embed-dataset's resolution (its default quant is auto)
+
+    assert _model_file(MINILM, "auto", None, HardwareOptions(cpu=True)).quant == "F16"
     plain = run_cli("embed", "-m", MINILM, "hi", env=env)
     assert f"{MINILM}-F16.gguf, F16)" in plain.stderr and "pin" not in plain.stderr, plain.stderr
     doc = json.loads(run_cli("plan", "-m", MINILM, "--cpu", "--json", env=env).stdout)

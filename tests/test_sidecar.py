@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from planner import HardwareOptions
+from quantize.errors import BadInput
 from runner.io import PARQUET_METADATA_KEY, VectorSink, sidecar_path
 from tests.conftest import run_cli
 
@@ -117,3 +119,24 @@ def test_the_server_ids_carry_the_quant_as_a_tag(home) -> None:
         other = client.post("/v1/embeddings", json={"input": "a llama", "model": f"{MINILM}:F16"})
         assert other.status_code == 404 and repr(tagged) in other.text
         assert client.get("/health").json()["model"] == tagged
+
+
+def test_embed_dataset_records_the_model_file_once_per_folder_and_checks_it(home, tmp_path, monkeypatch) -> None:
+    from runner.distributed import RUN_FILE, _model_file, prepare_output, run_record
+
+    monkeypatch.setenv("EMBEDRUNNER_HOME", str(home))
+    (tmp_path / "in.txt").write_text("a llama\n")
+    files, options, out = [str(tmp_path / "in.txt")], dict(column="text", query=False), tmp_path / "out"
+    pinned = _model_file(MINILM, "auto", None, HardwareOptions(cpu=True))
+    prepare_output(out, run_record(files, pinned, **options), overwrite=False)
+    q8 = f"{MINILM}-Q8_0.gguf"
+    assert json.loads((out / RUN_FILE).read_text())["model"] == {
+        "model": MINILM, "quant": "Q8_0", "file": q8, "sha256": recorded(home, q8), "pooling": "mean"
+    }  # fmt: skip
+    f16 = _model_file(MINILM, "F16", None, None)
+    try:
+        with pytest.raises(BadInput, match=rf"another model file \(-m/--quant\) \({q8} \(Q8_0, sha256 \w{{12}}\), now "
+                           rf"{MINILM}-F16.gguf \(F16, "):  # fmt: skip
+            prepare_output(out, run_record(files, f16, **options), overwrite=False)
+    finally:
+        _model_file(MINILM, "Q8_0", None, None)  # back to the module's pin

@@ -226,9 +226,10 @@ def embed_dataset_cmd(
     if not quiet:
         skipped = f", {s.skipped_shards} already complete" if s.skipped_shards else ""
         threads = f" x {s.threads} threads" if s.threads else ""
+        model = f"; {s.model.path.name}, {s.model.quant}" if s.model else ""
         click.echo(
             f"embedded {s.rows} rows into {s.shards} shards{skipped} in {s.seconds:.1f} s "
-            f"({s.rows / max(s.seconds, 1e-9):.0f} rows/s, {workers} workers{threads}) -> {output_dir}",
+            f"({s.rows / max(s.seconds, 1e-9):.0f} rows/s, {workers} workers{threads}{model}) -> {output_dir}",
             err=True,
         )
         if s.truncated:
