@@ -95,7 +95,35 @@ class _Cli(click.Group):
             sys.exit(2)
 
 
+def version_text() -> str:
+    """This project's version, llama-cpp-python's, and what its ggml was built for: the CPU features it uses and
+    whether it can offload to a GPU (a CPU-only build cannot, whatever the machine has)."""
+    from importlib.metadata import version
+
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    # "CPU : SSE3 = 1 | AVX2 = 1 | ... | REPACK = 1 | ": the features set to 1 (a backend's name before a colon).
+    fields = (f.partition("=") for f in info.split("|"))
+    flags = [name.split(":")[-1].strip() for name, _, value in fields if value.strip() == "1"]
+    gpu = "yes" if llama_cpp.llama_supports_gpu_offload() else "no"
+    return (
+        f"llm-embed-runner {version('llm-embed-runner')}\n"
+        f"llama-cpp-python {llama_cpp.__version__}; ggml: {' '.join(flags) or '?'}; GPU offload: {gpu}"
+    )
+
+
+def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_text())
+        ctx.exit()
+
+
 @click.group(cls=_Cli)
+@click.option(
+    "--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
+    help="Show the versions of this project and llama-cpp-python, and what its ggml was built for.",
+)  # fmt: skip
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
