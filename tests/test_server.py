@@ -241,10 +241,13 @@ def test_bad_requests_fail_alone(server, minilm) -> None:
 
 
 def test_models_health_metrics(server) -> None:
+    import ollama
     from openai import OpenAI
 
     models = OpenAI(base_url=server.url + "/v1", api_key=KEY).models.list()
-    assert [m.id for m in models.data] == [MINILM]
+    assert [m.id for m in models.data] == [f"{MINILM}:F16"]  # name:quant
+    (tags,) = ollama.Client(host=server.url, headers=AUTH).list().models  # /api/tags, as Ollama's client reads it
+    assert tags.model == f"{MINILM}:F16" and tags.details.quantization_level == "F16" and tags.size > 0
     health = httpx.get(server.url + "/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     text = httpx.get(server.url + "/metrics").text
