@@ -24,10 +24,11 @@ class Embedder:
     directory, an HF checkpoint directory, a models.toml name or a hub repo id. A model not on disk yet is
     downloaded, converted and quantized first, after the disk check, saying each step on stderr.
 
-    quant picks a file of a model directory or name (default: the highest fidelity on disk); "auto" plans
-    for this machine like `runner embed --auto-quant` (quant, GPU layers; produced if not on disk), with
-    HARDWARE saying what to plan for (default: what the probe finds, 1 GiB kept back on every device) and
-    PREFER what a CPU plan favours (fidelity | balanced | speed; see planner/policy.py).
+    quant picks a file of a model directory or name and pins it for the model's later runs (default: the pinned
+    quant, else the highest fidelity on disk); "auto" plans for this machine like `runner embed --auto-quant`
+    (quant, GPU layers; produced if not on disk; a pinned model keeps its quant), with HARDWARE saying what to
+    plan for (default: what the probe finds, 1 GiB kept back on every device) and PREFER what a CPU plan favours
+    (fidelity | balanced | speed; see planner/policy.py).
     max_length: where inputs are cut (default: the model's, as `runner embed`).
     """
 

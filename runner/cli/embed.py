@@ -35,7 +35,11 @@ errors_option = click.option(
 @click.command()
 @click.argument("texts", nargs=-1)
 @model_option
-@click.option("--quant", help="Which quant of a model directory/name to use (default: highest fidelity on disk).")
+@click.option(
+    "--quant",
+    help="Which quant of a model directory/name to use, pinned for its later runs (default: the pinned quant, else "
+    "the highest fidelity on disk).",
+)
 @click.option("--input", "input_file", help=".txt (one text per line), .jsonl or .parquet file; - for stdin.")
 @click.option("--field", default="text", show_default=True, help="JSONL field or parquet column holding the text.")
 @errors_option
@@ -70,7 +74,11 @@ errors_option = click.option(
 @threads_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @field_option(EmbedOptions, "chunk_size", type=AT_LEAST_1, help="Texts per part written to disk.")
-@click.option("--auto-quant", is_flag=True, help="Pick the quant and GPU layers for this machine (runner plan).")
+@click.option(
+    "--auto-quant",
+    is_flag=True,
+    help="Pick the quant and GPU layers for this machine (runner plan); a pinned model keeps its quant.",
+)
 @click.option(
     "--keep-f16/--no-keep-f16",
     default=True,

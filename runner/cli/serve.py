@@ -19,8 +19,16 @@ from runner.serve import Limits
 
 @click.command("serve")
 @model_option
-@click.option("--quant", help="Which quant of a model directory/name to serve (default: highest fidelity on disk).")
-@click.option("--auto-quant", is_flag=True, help="Pick the quant and GPU layers for this machine (runner plan).")
+@click.option(
+    "--quant",
+    help="Which quant of a model directory/name to serve, pinned for its later runs (default: the pinned quant, "
+    "else the highest fidelity on disk).",
+)
+@click.option(
+    "--auto-quant",
+    is_flag=True,
+    help="Pick the quant and GPU layers for this machine (runner plan); a pinned model keeps its quant.",
+)
 @hardware_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 exposes the server.")
 @click.option(
