@@ -22,6 +22,7 @@ COMMANDS = {
     "convert": "runner.cli.models:convert",
     "embed": "runner.cli.embed:embed",
     "embed-dataset": "runner.cli.embed:embed_dataset_cmd",
+    "imatrix": "runner.cli.imatrix:imatrix",
     "models": "runner.cli.models:models",
     "plan": "runner.cli.plan:plan_cmd",
     "quantize": "runner.cli.models:quantize",

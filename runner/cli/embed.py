@@ -178,7 +178,12 @@ def embed(
 @click.argument("inputs", nargs=-1, required=True)
 @click.argument("output_dir")
 @model_option
-@field_option(embed_dataset, "quant", help="A quant, or auto (planned; see the hardware options).")
+@field_option(
+    embed_dataset,
+    "quant",
+    help="A quant (pinned for the model's later runs), or auto (planned, see the hardware options; a pinned model "
+    "keeps its quant).",
+)
 @click.option("--address", help="Ray cluster: auto (a running one), ray://HOST:PORT, or local (default: local).")
 @field_option(embed_dataset, "workers", type=AT_LEAST_1, help="Ray actors, one model each.")
 @field_option(embed_dataset, "gpus_per_worker", type=click.FloatRange(0), help="0: CPU workers.")
