@@ -20,6 +20,7 @@ import ctypes
 import hashlib
 import json
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -87,7 +88,7 @@ def calibration_texts(path: Path | None = None) -> list[CalibrationText]:
     """The shipped calibration set, or PATH: `.jsonl` (strings, or objects with `text` and optional
     `"query": true`) or `.txt` (one document per line)."""
     if path is None:
-        lines = resources.files("quantize.data").joinpath(CALIBRATION).read_text("utf-8").splitlines()
+        lines = resources.files("quantize").joinpath("data", CALIBRATION).read_text("utf-8").splitlines()
         where = CALIBRATION
     else:
         try:
@@ -214,6 +215,44 @@ def collect(
 def _batches(texts: list[CalibrationText]) -> Iterator[list[CalibrationText]]:
     for i in range(0, len(texts), _BATCH_TEXTS):
         yield texts[i : i + _BATCH_TEXTS]
+
+
+def make(
+    model: Path,
+    texts: Path | None = None,
+    output: Path | None = None,
+    threads: int | None = None,
+    progress: Progress = SILENT,
+) -> Path:
+    """Collect MODEL's importance matrix over TEXTS (default: the shipped calibration set) and save it to OUTPUT
+    (default: `<model stem>.imatrix.gguf` beside MODEL); returns OUTPUT."""
+    started = time.perf_counter()
+    importance = collect(Path(model), calibration_texts(texts), dataset_name(texts), threads, progress)
+    path = save(importance, output or auto_path(Path(model)))
+    seconds = time.perf_counter() - started
+    progress.say(
+        f"imatrix: {importance.chunk_count} texts, {importance.tokens} tokens in {seconds:.1f} s "
+        f"({importance.tokens / max(seconds, 1e-9):.0f} tokens/s), {len(importance.sums)} weights -> {path}"
+    )
+    return path
+
+
+def auto_path(model: Path) -> Path:
+    """Where `--imatrix auto` keeps MODEL's importance matrix: beside it, `<stem>.imatrix.gguf`."""
+    return model.with_name(f"{model.stem}.imatrix.gguf")
+
+
+def for_quantize(choice: str, source: Path, threads: int | None = None, progress: Progress = SILENT) -> Imatrix:
+    """`--imatrix auto|FILE`: FILE, or SOURCE's own, collected on the shipped set unless one newer than SOURCE is
+    already beside it (a new conversion of SOURCE makes it stale, so it is collected again)."""
+    if choice != "auto":
+        return load(Path(choice))
+    path = auto_path(source)
+    if path.is_file() and path.stat().st_mtime >= source.stat().st_mtime:
+        progress.say(f"imatrix: reusing {path}")
+    else:
+        make(source, threads=threads, progress=progress)
+    return load(path)
 
 
 # --- the file ------------------------------------------------------------------------------------

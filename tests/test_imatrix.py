@@ -1,4 +1,4 @@
-"""The importance matrix: collected the way the embedder runs, saved as llama.cpp reads it, carried into the quantizer."""
+"""The importance matrix: collected as the embedder runs, saved as llama.cpp reads it, carried into the quantizer."""
 
 from __future__ import annotations
 
@@ -109,3 +109,44 @@ def test_iquant_sizes_predicted_exactly(f16, collected, tmp_path) -> None:
     got = embed_file(tmp_path / "hf-IQ4_XS.gguf", DATA / "embedding_texts.jsonl", tmp_path / "v.npy")
     f16_vectors = embed_file(f16, DATA / "embedding_texts.jsonl", tmp_path / "f.npy")
     assert cosines(got, f16_vectors).mean() > 0.9
+
+
+def test_cli_imatrix_then_quantize_with_it(f16, tmp_path) -> None:
+    """`runner imatrix` writes the file; `runner quantize --imatrix FILE` makes an i-quant; without one: one line."""
+    from tests.conftest import run_cli
+
+    cal = tmp_path / "cal.txt"
+    cal.write_text("\n".join(t.text.replace("\n", " ") for t in CALIBRATION[:20]) + "\n", encoding="utf-8")
+    out = run_cli("imatrix", "-m", str(f16), "--texts", str(cal), "-o", str(tmp_path / "m.gguf"))
+    assert out.stdout.strip() == str(tmp_path / "m.gguf")
+    assert "imatrix: 20 texts" in out.stderr
+    assert imatrix.load(tmp_path / "m.gguf").datasets == ["cal.txt"]
+    made = run_cli(
+        "quantize", str(f16), "--quant", "IQ3_XXS", "--imatrix", str(tmp_path / "m.gguf"), "--outdir", str(tmp_path)
+    )
+    assert made.stdout.strip() == str(tmp_path / "hf-IQ3_XXS.gguf")
+    refused = run_cli("quantize", str(f16), "--quant", "iq2_m", "--outdir", str(tmp_path), check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "IQ2_M need an importance matrix: add --imatrix auto" in refused.stderr
+    bad = run_cli(
+        "quantize", str(f16), "--quant", "Q4_K_M", "--imatrix", str(cal), "--outdir", str(tmp_path), check=False
+    )
+    assert bad.returncode == 1 and f"--imatrix {cal}: not an imatrix GGUF" in bad.stderr
+    assert not (tmp_path / "hf-Q4_K_M.gguf").exists()
+
+
+def test_cli_quantize_imatrix_auto_collects_once(f16, tmp_path) -> None:
+    """--imatrix auto measures the model on the shipped set, keeps it beside the model, and reuses it."""
+    import shutil
+
+    from tests.conftest import run_cli
+
+    model = tmp_path / "hf-F16.gguf"
+    shutil.copyfile(f16, model)
+    first = run_cli("quantize", str(model), "--quant", "Q4_K_M", "--imatrix", "auto")
+    kept = tmp_path / "hf-F16.imatrix.gguf"
+    assert "texts" in first.stderr and str(kept) in first.stderr
+    shipped = imatrix.calibration_texts()
+    assert imatrix.load(kept).chunk_count == len(shipped) and imatrix.load(kept).datasets == [imatrix.CALIBRATION]
+    second = run_cli("quantize", str(model), "--quant", "IQ4_XS", "--imatrix", "auto")
+    assert f"imatrix: reusing {kept}" in second.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from quantize.errors import BadInput
-from quantize.quants import LADDER, PREFERENCE
+from quantize.quants import LADDER, PREFERENCE, QUANTS
 from runner.cli.options import AT_LEAST_1
 
 
@@ -63,16 +63,27 @@ def convert(
 
 @click.command()
 @click.argument("gguf_file", type=click.Path(path_type=Path))
-@click.option("--quant", "quants", multiple=True, type=click.Choice(LADDER, case_sensitive=False))
+@click.option("--quant", "quants", multiple=True, type=click.Choice(QUANTS, case_sensitive=False))
 @click.option("--all", "all_quants", is_flag=True, help="The whole ladder: " + ", ".join(LADDER))
+@click.option(
+    "--imatrix", metavar="auto|FILE", help="Weigh rounding by an importance matrix (the i-quants need one): FILE "
+    "from `runner imatrix`, or auto: GGUF_FILE's own, measured now on the shipped set unless already beside it.",
+)  # fmt: skip
 @click.option("--outdir", type=click.Path(file_okay=False, path_type=Path), help="Default: next to GGUF_FILE.")
 @click.option("--threads", type=AT_LEAST_1, help="Default: all cores.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, no summary lines.")
 def quantize(
-    gguf_file: Path, quants: tuple[str, ...], all_quants: bool, outdir: Path | None, threads: int | None, quiet: bool
+    gguf_file: Path,
+    quants: tuple[str, ...],
+    all_quants: bool,
+    imatrix: str | None,
+    outdir: Path | None,
+    threads: int | None,
+    quiet: bool,
 ) -> None:
     """Quantize an F16/F32/BF16 GGUF with llama.cpp's quantizer; writes <stem>-<QUANT>.gguf + manifest.json."""
     from planner.disk import for_quantize
+    from quantize.imatrix import for_quantize as imatrix_for
     from quantize.ladder import quantize as run_quantize
     from quantize.progress import Progress
 
@@ -81,7 +92,9 @@ def quantize(
         raise BadInput("no quant chosen; pass --quant Q8_0 (repeatable) or --all")
     if gguf_file.is_file():  # a missing file gets the quantizer's own one-line error
         for_quantize(gguf_file, chosen, outdir).check()
-    for path in run_quantize(gguf_file, chosen, outdir=outdir, threads=threads, progress=Progress.stderr(quiet)):
+    progress = Progress.stderr(quiet)
+    importance = imatrix_for(imatrix, gguf_file, threads, progress) if imatrix else None
+    for path in run_quantize(gguf_file, chosen, outdir, threads, progress, importance):
         click.echo(str(path))
 
 
