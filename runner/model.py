@@ -27,7 +27,7 @@ from quantize.gguf_check import check_gguf
 from quantize.ladder import quantize
 from quantize.manifest import content_sha256, pin, pinned, read_metadata, recorded_sha256
 from quantize.progress import SILENT, Progress, size
-from quantize.quants import LADDER, PREFERENCE
+from quantize.quants import FIDELITY, LADDER, PREFERENCE
 from quantize.reference import Kind, ModelRef
 from quantize.source import Source, resolve
 from quantize.store import base_file, on_disk, remove, serves, usable
@@ -153,6 +153,11 @@ def plan_run(
     if held is None or planned.chosen.quant == held["quant"]:
         return planned
     other = planned.chosen.quant
+    if held["quant"] not in FIDELITY:
+        raise BadInput(
+            f"{ref}: pinned to {held['quant']} ({held['file']}), a type the planner does not size; run without "
+            f"--auto-quant to use it, or --quant {other} to move the pin to what the plan picks"
+        )
     progress.say(
         f"pinned {held['quant']} ({held['file']}) kept; the plan for this machine picks {other} ({planned.reason}): "
         f"--quant {other} moves the pin"

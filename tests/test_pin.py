@@ -100,3 +100,14 @@ def test_the_pin_is_kept_by_records_and_dropped_with_its_file(tmp_path) -> None:
     assert manifest.pinned(tmp_path)["quant"] == "Q8_0"
     manifest.forget(tmp_path, ["m-Q8_0.gguf"])
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_auto_quant_on_a_pin_the_planner_cannot_size_is_one_line(monkeypatch) -> None:
+    """A model pinned to F32 (or an i-quant): --auto-quant cannot plan that type, and says how to go on."""
+    from quantize.errors import BadInput
+    from runner import model
+
+    monkeypatch.setattr(model, "pin_of", lambda ref: {"quant": "F32", "file": "m-F32.gguf", "sha256": None})
+    with pytest.raises(BadInput, match=r"^all-minilm-l6-v2: pinned to F32 \(m-F32.gguf\), a type the planner does "
+                       r"not size; run without --auto-quant to use it, or --quant F16 to move the pin"):  # fmt: skip
+        model.plan_run(MINILM, hardware=HardwareOptions(cpu=True, ram="16GiB"))
