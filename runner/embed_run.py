@@ -39,7 +39,10 @@ class EmbedOptions:
     dimensions: int | None = None  # Matryoshka models: keep the first N dimensions
     truncate: bool = True  # cut inputs over the max length (else refuse them)
     precision: str = "float32"  # float32, float16, int8, uint8, binary or ubinary (runner.compact)
-    chunk_size: int = 2048  # texts per part written to disk: what an interrupted run keeps for --resume
+    # A part on disk (what an interrupted run keeps for --resume) ends at chunk_size texts or after part_seconds of
+    # embedding, whichever comes first: a slow model on a CPU keeps its work too.
+    chunk_size: int = 2048
+    part_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -99,24 +102,29 @@ def run_embed(
     elif calibration is not None:  # embedded like the input (prompt, normalisation, dimensions): its ranges fit
         ranges = compact.ranges_of(pipeline.embed(list(calibration), **embed))
     # Only a file output can be resumed, so only then is the model's content identity needed.
-    key = ""
+    key, identity = "", {}
     if output:
         identity = dict(query=options.query, task=options.task, normalize=options.normalize,
                         max_length=pipeline.max_length, fmt=fmt, dtype=options.precision)  # fmt: skip
         identity |= {"dimensions": dims} if dims != pipeline.dims else {}
-        key = run_key(pipeline.model.path, identity | {"chunk": options.chunk_size})
-    sink = VectorSink(output, fmt, options.precision, key, resume, ranges, dims=dims)
+        # Not the part sizes: a resumed run takes them from the parts on disk.
+        key = run_key(pipeline.model.path, identity)
+    sink = VectorSink(output, fmt, options.precision, key, resume, ranges, dims=dims, options=identity)
     stats, started = Stats(), time.perf_counter()
     with tqdm(total=total, unit="text", file=sys.stderr, delay=1.0, disable=not show_progress) as bar:
+
+        def step(count: int) -> None:  # after each micro-batch's worth of texts
+            bar.set_postfix_str(f"{stats.tokens / (time.perf_counter() - started):.0f} tokens/s", refresh=False)
+            bar.update(count)
+
         chunks = pipeline.stream(
-            texts, options.chunk_size, run_key=key, skip=sink.done, stats=stats, truncate=options.truncate, **embed
-        )
+            texts, options.chunk_size, run_key=key, part_seconds=options.part_seconds, resumed=sink.part_rows,
+            skip=sink.done, stats=stats, on_step=step, truncate=options.truncate, **embed,
+        )  # fmt: skip
         try:
             for chunk in chunks:
                 if chunk.vectors is not None:
                     sink.write(chunk.index, chunk.digest, chunk.vectors, chunk.first)
-                bar.update(chunk.count)
-                bar.set_postfix_str(f"{stats.tokens / (time.perf_counter() - started):.0f} tokens/s", refresh=False)
         except KeyboardInterrupt:
             sink.abandon()
             raise KeyboardInterrupt(sink.interrupted()) from None

@@ -155,9 +155,12 @@ class VectorSink:
         ranges: np.ndarray | None = None,
         *,
         dims: int,
+        options: dict[str, object] | None = None,
     ) -> None:
         """DTYPE: a precision (runner/compact.py); int8/uint8 with RANGES, else with ranges from all the vectors.
-        DIMS: the width of every vector (and of every part an interrupted run left)."""
+        DIMS: the width of every vector (and of every part an interrupted run left). OPTIONS: the command-line
+        options RUN_KEY covers, by name (`--query`: True), kept in parts/run.json so that a resume refused for
+        another option names it."""
         if fmt == "parquet":
             _pyarrow()
         stream = path is None or is_stream(Path(path))
@@ -186,18 +189,18 @@ class VectorSink:
         run = self.parts / "run.json"
         if resume and run.is_file() and not run.is_symlink():
             try:
-                same = json.loads(run.read_text()).get("run") == run_key
+                left = json.loads(run.read_text())
+                same, before = left.get("run") == run_key, left.get("options")
             except (ValueError, AttributeError):
-                same = False
+                same, before = False, None
             if not same:
-                raise BadInput(
-                    f"{self.parts}: left by a run with another model or options; delete it or run without --resume"
-                )
+                raise BadInput(f"{self.parts}: left by a run with {_differs(before, options or {})}; run with the "
+                               "same options to resume, or without --resume to start again")  # fmt: skip
             return
         shutil.rmtree(self.parts, ignore_errors=True)
         with self._writing(run, 4096):
             self.parts.mkdir(parents=True)
-            write_text_atomic(run, json.dumps({"run": run_key}) + "\n")
+            write_text_atomic(run, json.dumps({"run": run_key, "options": options or {}}) + "\n")
 
     @contextlib.contextmanager
     def _writing(self, path: Path, need: int | None) -> Iterator[None]:
@@ -234,6 +237,16 @@ class VectorSink:
             return "nothing was written"
         return f"{saved} texts are safely on disk in {self.parts}; the same command with --resume continues"
 
+    def part_rows(self, chunk: int) -> int | None:
+        """How many texts CHUNK of an interrupted run holds, by its name (None: no such part). Parts end by time or
+        by --chunk-size, so a resumed run takes its boundaries from them; `done` then checks the part itself."""
+        if self.parts is None:
+            return None
+        for part in sorted(self.parts.glob(f"{chunk:06d}-*.npy")):
+            count = part.name.split("-")[1]
+            return int(count) if count.isdigit() else None
+        return None
+
     def done(self, chunk: int, digest: str, count: int) -> bool:
         """Whether an interrupted run left CHUNK, the COUNT texts that end with DIGEST, whole. A part for other
         texts is an error; a damaged one (another shape or dtype, cut short, not a plain file) is removed, with
@@ -243,7 +256,7 @@ class VectorSink:
         found = sorted(self.parts.glob(f"{chunk:06d}-*.npy"))
         if not found:
             return False
-        part = self._part(chunk, digest)
+        part = self._part(chunk, count, digest)
         if found[0] != part:
             raise BadInput(
                 f"{self.parts}: left by a run with other inputs (they differ by text {chunk} of the chunks); "
@@ -277,9 +290,11 @@ class VectorSink:
                                  "its header promises")  # fmt: skip
         return shape[0]
 
-    def _part(self, chunk: int, digest: str) -> Path:
+    def _part(self, chunk: int, count: int, digest: str) -> Path:
+        """Part CHUNK's file: its index, its COUNT texts (the boundary a resumed run keeps), and the DIGEST of every
+        text up to its end."""
         assert self.parts is not None
-        return self.parts / f"{chunk:06d}-{digest[:16]}.npy"
+        return self.parts / f"{chunk:06d}-{count}-{digest[:16]}.npy"
 
     def write(self, chunk: int, digest: str, vectors: np.ndarray, first: int) -> None:
         if self.stream is not None:
@@ -288,7 +303,7 @@ class VectorSink:
             self.stream.flush()
             self.printed += len(vectors)
             return
-        part = self._part(chunk, digest)
+        part = self._part(chunk, len(vectors), digest)
         data = np.ascontiguousarray(vectors, dtype=self.dtype)
         header = _npy_header(data.shape, self.dtype)
         with self._writing(part, len(header) + data.nbytes), atomic_path(part) as tmp:
@@ -363,6 +378,23 @@ class VectorSink:
         del parts
         shutil.rmtree(self.parts, ignore_errors=True)
         return saved
+
+
+# run.json's option names as the command line spells them, for a refused resume's message.
+_OPTION_NAMES = {"query": "--query/--document", "task": "--task", "normalize": "--normalize/--no-normalize",
+                 "max_length": "--max-length", "fmt": "--format", "dtype": "--precision", "dimensions": "--dimensions",
+                 "skip_empty": "--skip-empty"}  # fmt: skip
+
+
+def _differs(before: object, now: dict[str, object]) -> str:
+    """What differs between the interrupted run's options BEFORE and this run's NOW, for a refused resume."""
+    if not isinstance(before, dict):
+        return "another model or options"
+    names = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if not names:
+        return "another model (its sha256 differs)"
+    said = [f"{_OPTION_NAMES.get(k, k)} {before.get(k)!r}, now {now.get(k)!r}" for k in names]
+    return "other options: " + "; ".join(said)
 
 
 def _json_row(v: np.ndarray) -> list:

@@ -73,7 +73,13 @@ errors_option = click.option(
 @click.option("--no-truncate", is_flag=True, help="An input over the max length is an error, not cut.")
 @threads_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
-@field_option(EmbedOptions, "chunk_size", type=AT_LEAST_1, help="Texts per part written to disk.")
+@field_option(EmbedOptions, "chunk_size", type=AT_LEAST_1, help="Texts per part written to disk, at most.")
+@field_option(
+    EmbedOptions,
+    "part_seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds of work per part written to disk, at most: what an interrupted run keeps for --resume.",
+)
 @click.option(
     "--auto-quant",
     is_flag=True,
@@ -111,6 +117,7 @@ def embed(
     normalize: bool,
     dimensions: int | None,
     chunk_size: int,
+    part_seconds: float,
     **hw_opts,
 ) -> None:
     """Embed TEXTS (or --input) with a GGUF embedder."""
@@ -133,7 +140,7 @@ def embed(
     fmt = output_format(output, fmt)
     if output:  # one run owns an output: a second one is refused now, before it loads a model (until we exit)
         click.get_current_context().with_resource(OutputLock(Path(output)))
-    options = EmbedOptions(query, task, normalize, dimensions, not no_truncate, precision, chunk_size)
+    options = EmbedOptions(query, task, normalize, dimensions, not no_truncate, precision, chunk_size, part_seconds)
     # Read lazily: the texts stream through the pipeline a chunk at a time, whatever the input's size.
     items = itertools.chain(texts, read_texts(input_file, field, errors) if input_file else ())
     total = None if input_file == "-" else len(texts) + ((count_texts(input_file) or 0) if input_file else 0)
