@@ -148,6 +148,10 @@ def embed(
     def show_plan(p) -> None:
         if not quiet:
             click.echo(p.summary(), err=True)
+            if input_file and input_file != "-":  # counted by size: the model may not be on disk yet
+                from runner.cli.plan import input_estimate
+
+                click.echo(input_estimate(p, input_file, None).line(p.chosen.quant), err=True)
 
     with open_pipeline(
         model, quant, auto_quant=auto_quant, max_length=max_length, threads=threads,

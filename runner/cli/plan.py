@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from planner import HardwareOptions, Plan
+from planner.estimate import BYTES_PER_TOKEN, Estimate, wall_clock
 from quantize.errors import BadInput
 from quantize.reference import Kind, ModelRef
 from runner.cli.options import AT_LEAST_1, hardware_options, model_option
@@ -18,20 +19,32 @@ from runner.cli.options import AT_LEAST_1, hardware_options, model_option
 @click.option("--quant", help="Plan this quant only (it always wins).")
 @click.option("--max-length", type=AT_LEAST_1, help="Longest sequence to hold (default: the model's, capped at 8192).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
+@click.option(
+    "--input", "input_file", type=click.Path(exists=True, dir_okay=False),
+    help="Estimate how long embedding this file takes (its tokens at the calibrated tokens/s).",
+)  # fmt: skip
 @hardware_options
-def plan_cmd(model: str, quant: str | None, max_length: int | None, as_json: bool, **hw_opts) -> None:
+def plan_cmd(
+    model: str, quant: str | None, max_length: int | None, as_json: bool, input_file: str | None, **hw_opts
+) -> None:
     """Which quant runs where on this machine: every quant's size and memory, the chosen one marked, and the file
     a run uses (a pinned model keeps its quant: see runner embed --quant)."""
     import json
 
+    from quantize.progress import size
     from runner.model import pin_of, plan_run
 
     ref = ModelRef.parse(model)
     p = plan_run(ref, quant, max_length, HardwareOptions(**hw_opts))
     held = pin_of(ref)
     file = _planned_file(p, ref)
+    estimate = input_estimate(p, input_file, file) if input_file else None
     if as_json:
-        click.echo(json.dumps(p.as_json() | {"file": str(file) if file else None, "pin": held}, indent=2))
+        found = {"file": str(file) if file else None, "pin": held}
+        if estimate is not None:
+            found["estimate"] = {"tokens": estimate.tokens, "counted": estimate.counted,
+                                 "tokens_per_s": estimate.tokens_per_s, "seconds": estimate.seconds}  # fmt: skip
+        click.echo(json.dumps(p.as_json() | found, indent=2))
         return
     gib = 2**30
     hw = p.hardware
@@ -46,10 +59,8 @@ def plan_cmd(model: str, quant: str | None, max_length: int | None, as_json: boo
         fits = {"split": f"split, {r.n_gpu_layers}/{p.shape.layers} layers on GPU"}.get(r.fits, r.fits)
         speed = f"{r.cpu_tokens_per_s:.1f}" if r.cpu_tokens_per_s else "?"
         cosine = f"{r.retention:.4f}" if r.retention else "?"
-        click.echo(
-            f"{mark} {r.quant:<8}{r.needs.file / gib:>9.2f}G{r.needs.gpu_total / gib:>9.2f}G"
-            f"{r.needs.ram / gib:>9.2f}G{speed:>11}{cosine:>9}  {fits}"
-        )
+        sizes = "".join(f"{size(b) if b else '-':>10}" for b in (r.needs.file, r.needs.gpu_total, r.needs.ram))
+        click.echo(f"{mark} {r.quant:<8}{sizes}{speed:>11}{cosine:>9}  {fits}")
     if not any(r.cpu_tokens_per_s for r in p.rows):
         click.echo("CPU tok/s: not measured on this machine; `runner calibrate -m MODEL` measures it (~2 minutes).")
     click.echo(f"chosen: {p.chosen.quant} on {p.device} — {p.reason}.")
@@ -62,8 +73,29 @@ def plan_cmd(model: str, quant: str | None, max_length: int | None, as_json: boo
     else:
         note = f" (pinned: {held['quant']}, {held['file']}; a run with --quant {p.chosen.quant} moves the pin)"
     click.echo(f"file: {file or '?'}{note}")
+    if estimate is not None:
+        click.echo(estimate.line(p.chosen.quant))
     if p.disk and p.disk.items:
         _show_disk(p.disk)
+
+
+# Inputs up to this size are tokenized for an estimate (seconds on a CPU); larger ones are counted as bytes/4.
+TOKENIZE_UP_TO = 16 * 2**20
+
+
+def input_estimate(p: Plan, input_file: str, gguf: Path | None) -> Estimate:
+    """How long INPUT_FILE takes with plan P: its tokens (from GGUF's tokenizer when the file is on disk and the
+    input small enough, else its bytes/4) at the calibrated speed of each quant on this CPU."""
+    from runner.inputs import read_texts
+
+    speeds = {r.quant: r.cpu_tokens_per_s for r in p.rows if r.fits != "no"} if p.device == "cpu" else {}
+    if gguf is not None and gguf.is_file() and Path(input_file).stat().st_size <= TOKENIZE_UP_TO:
+        import llama_cpp
+
+        vocab = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
+        tokens = sum(len(vocab.tokenize(t.encode(), add_bos=True, special=False)) for t in read_texts(input_file))
+        return wall_clock(tokens, "tokenized", p.chosen.quant, speeds)
+    return wall_clock(Path(input_file).stat().st_size // BYTES_PER_TOKEN, "bytes/4", p.chosen.quant, speeds)
 
 
 def _planned_file(p: Plan, ref: ModelRef) -> Path | None:
