@@ -101,10 +101,8 @@ def test_errors_number_inputs_across_chunks(minilm, tmp_path) -> None:
     src = tmp_path / "in.txt"
     # A blank line is the reader's error (naming in.txt:5); a text over --max-length is the pipeline's.
     src.write_text("one\ntwo\nthree\nfour\n" + "word " * 40 + "\nsix\n")
-    proc = run_cli(
-        "embed", "-m", str(minilm), "--input", str(src), "--chunk-size", "2", "--max-length", "16", "--no-truncate",
-        check=False,
-    )
+    options = ("--input", str(src), "--chunk-size", "2", "--max-length", "16", "--no-truncate")
+    proc = run_cli("embed", "-m", str(minilm), *options, check=False)
     assert proc.returncode == 1 and "input 5: " in proc.stderr and "over the limit of 16" in proc.stderr, proc.stderr
     from runner import Embedder
 
