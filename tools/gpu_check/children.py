@@ -181,6 +181,7 @@ def child_vram(path: Path, gpu_layers: int, lengths: Sequence[int]) -> None:
 
     from planner.memory import Settings, needs
     from planner.shapes import file_quant, from_gguf
+    from quantize.llamacpp import embeddings_only
     from runner.engine import Engine
 
     shape = from_gguf(path)
@@ -194,7 +195,7 @@ def child_vram(path: Path, gpu_layers: int, lengths: Sequence[int]) -> None:
             engine.reserve(length)
             t0 = time.perf_counter()
             engine.embed_tokens([np.full(length, 1000, dtype=np.int32)])
-            predicted = needs(shape, quant, Settings(length), (gpu_layers,))
+            predicted = needs(shape, quant, Settings(length, embeddings_only()), (gpu_layers,))
             rows.append(
                 dict(
                     quant=quant,

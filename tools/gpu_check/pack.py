@@ -37,6 +37,7 @@ SURELY_PRESENT = {"numpy", "torch", "huggingface-hub", "tokenizers", "safetensor
 SURELY_PRESENT |= {"packaging", "filelock", "fsspec", "typing-extensions", "jinja2", "markupsafe"}
 SURELY_PRESENT |= {"nvidia-ml-py", "regex"}
 # From the test extra, what `pytest -m gpu` and the measurements need (the rest is for CPU tests).
+ENGINE_PATCHES = REPO / "scripts" / "engine-patches"
 GPU_TEST_NEEDS = {"pytest", "quicktok-v1", "safetensors"}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The sdist keeps its Python package and build files; of vendor/llama.cpp what CMake reads for the library.
@@ -108,10 +109,20 @@ def keep_in_sdist(name: str) -> bool:
 
 
 def trim_sdist(src: Path, dest: Path) -> None:
-    with tarfile.open(src, "r:gz") as tin, tarfile.open(dest, "w:gz") as tout:
-        for member in tin:
-            if keep_in_sdist(member.name):
-                tout.addfile(member, tin.extractfile(member) if member.isfile() else None)
+    """SRC trimmed (keep_in_sdist) and patched as scripts/install patches it, so the GPU machine builds the same
+    engine (no logits in embedding mode) that the planner counts."""
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(src, "r:gz") as tin:
+        kept = [m for m in tin if keep_in_sdist(m.name)]
+        tin.extractall(tmp, members=kept, filter="data")
+        top = Path(tmp) / f"llama_cpp_python-{LLAMA_CPP}"
+        subprocess.run([str(ENGINE_PATCHES / "apply"), str(top)], check=True, stdout=subprocess.DEVNULL)
+        with tarfile.open(dest, "w:gz") as tout:
+            tout.add(top, arcname=top.name)
+
+
+def patches_digest() -> str:
+    """The engine patches' digest: a changed patch makes a new pack."""
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(ENGINE_PATCHES.glob("*.patch")))).hexdigest()
 
 
 def sdist_requirements(sdist: Path) -> list[str]:
@@ -168,6 +179,7 @@ def pack(dest: Path = PACK, force: bool = False) -> dict:
         platforms=PLATFORMS,
         smollm2_layers=SMOLLM2_LAYERS,
         keep=[SDIST_KEEP, VENDOR_KEEP, OTHER_BACKENDS],
+        engine_patches=patches_digest(),
     )
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     manifest_path = dest / "manifest.json"
