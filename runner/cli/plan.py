@@ -50,7 +50,7 @@ def plan_cmd(
     hw = p.hardware
     gpus = ", ".join(f"GPU{g.index} {g.name} {g.free / gib:.1f} GiB free" for g in hw.gpus) or "no GPU"
     if hw.gpus and not hw.offload:
-        gpus += " (this llama-cpp-python build cannot offload: rebuild with CMAKE_ARGS=-DGGML_CUDA=on)"
+        gpus += " (this llama-cpp-python build cannot offload; the chosen line says how to rebuild)"
     click.echo(f"{p.shape.name}: max length {p.settings.max_length} (n_ubatch {p.settings.ubatch})")
     click.echo(f"hardware: {gpus}; RAM {hw.ram_free / gib:.1f} GiB free; {hw.cores} cores ({hw.source})")
     click.echo(f"  {'quant':<8}{'file':>10}{'GPU':>10}{'RAM':>10}{'CPU tok/s':>11}{'cos F16':>9}  fits")
