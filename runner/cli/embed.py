@@ -32,6 +32,15 @@ errors_option = click.option(
 )
 
 
+# Both commands keep a blank line or empty cell alike: an error naming it, or left out and named.
+skip_empty_option = click.option(
+    "--skip-empty",
+    is_flag=True,
+    help="Leave out blank lines and empty cells (else an error naming the first); runner embed lists them as "
+    "skipped_rows in the output's metadata, embed-dataset's ids stay the input's row numbers.",
+)
+
+
 @click.command()
 @click.argument("texts", nargs=-1)
 @model_option
@@ -40,9 +49,15 @@ errors_option = click.option(
     help="Which quant of a model directory/name to use, pinned for its later runs (default: the pinned quant, else "
     "the highest fidelity on disk).",
 )
-@click.option("--input", "input_file", help=".txt (one text per line), .jsonl or .parquet file; - for stdin.")
-@click.option("--field", default="text", show_default=True, help="JSONL field or parquet column holding the text.")
+@click.option(
+    "--input", "input_file", help=".txt (one text per line), .jsonl, .csv/.tsv (with a header row) or .parquet file; "
+    "- for stdin.",
+)  # fmt: skip
+@click.option(
+    "--field", default="text", show_default=True, help="JSONL field, CSV/TSV or parquet column holding the text."
+)
 @errors_option
+@skip_empty_option
 @click.option(
     "-o",
     "--output",
@@ -118,6 +133,7 @@ def embed(
     dimensions: int | None,
     chunk_size: int,
     part_seconds: float,
+    skip_empty: bool,
     **hw_opts,
 ) -> None:
     """Embed TEXTS (or --input) with a GGUF embedder."""
@@ -142,7 +158,8 @@ def embed(
         click.get_current_context().with_resource(OutputLock(Path(output)))
     options = EmbedOptions(query, task, normalize, dimensions, not no_truncate, precision, chunk_size, part_seconds)
     # Read lazily: the texts stream through the pipeline a chunk at a time, whatever the input's size.
-    items = itertools.chain(texts, read_texts(input_file, field, errors) if input_file else ())
+    skipped: list[int] | None = [] if skip_empty else None  # the input's rows left out, filled as it is read
+    items = itertools.chain(texts, read_texts(input_file, field, errors, skipped) if input_file else ())
     total = None if input_file == "-" else len(texts) + ((count_texts(input_file) or 0) if input_file else 0)
 
     def show_plan(p) -> None:
@@ -160,9 +177,13 @@ def embed(
         run = run_embed(
             pipeline, items, output, fmt, options, resume=resume, ranges_file=ranges_file,
             calibration=read_texts(calibration, field, errors) if calibration else None, total=total,
-            show_progress=not quiet and sys.stderr.isatty(),
+            show_progress=not quiet and sys.stderr.isatty(), skipped_rows=skipped,
         )  # fmt: skip
     counts = run.counts
+    if skipped:
+        rows = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+        listed = f"; all in {output}'s metadata (skipped_rows)" if output else ""
+        click.echo(f"note: skipped {len(skipped)} empty row(s) of {input_file} (rows {rows}){listed}", err=True)
     if counts.truncated:
         click.echo(
             f"warning: truncated {counts.truncated} input(s) to {pipeline.max_length} tokens (--no-truncate to refuse)",
@@ -198,7 +219,7 @@ def embed(
 @click.option("--address", help="Ray cluster: auto (a running one), ray://HOST:PORT, or local (default: local).")
 @field_option(embed_dataset, "workers", type=AT_LEAST_1, help="Ray actors, one model each.")
 @field_option(embed_dataset, "gpus_per_worker", type=click.FloatRange(0), help="0: CPU workers.")
-@field_option(embed_dataset, "column", help="Text column (parquet) or field (jsonl).")
+@field_option(embed_dataset, "column", help="Text column (parquet, csv/tsv) or field (jsonl).")
 @click.option("--id-column", help="Column/field holding each row's id (default: the row's number in the input).")
 @field_option(embed_dataset, "shard_rows", type=AT_LEAST_1, help="Rows per output shard.")
 @field_option(
@@ -208,11 +229,13 @@ def embed(
     help="CPU cores for each worker, llama.cpp's threads (default: the cluster's cores divided by --workers).",
 )
 @errors_option
+@skip_empty_option
 @field_option(embed_dataset, "overwrite", is_flag=True, help="Empty OUTPUT_DIR of the parts of another run first.")
 @field_option(embed_dataset, "query", "--query/--document", help="Apply the model's query instruction, or not.")
 @click.option("--task", help="Instruction for --query (default: the model's).")
 @max_length_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+@click.option("-v", "--verbose", is_flag=True, help="Show Ray's own logs and progress bars.")
 @hardware_options
 def embed_dataset_cmd(
     inputs: tuple[str, ...],
@@ -227,11 +250,13 @@ def embed_dataset_cmd(
     shard_rows: int,
     cpus_per_worker: int | None,
     errors: str,
+    skip_empty: bool,
     overwrite: bool,
     query: bool,
     task: str | None,
     max_length: int | None,
     quiet: bool,
+    verbose: bool,
     **hw_opts,
 ) -> None:
     """Embed INPUTS (parquet/jsonl/txt files, globs, object-store URIs) into parquet shards in OUTPUT_DIR with
@@ -244,8 +269,9 @@ def embed_dataset_cmd(
     s = embed_dataset(
         list(inputs), output_dir, model, quant, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
         cpus_per_worker=cpus_per_worker, column=column, id_column=id_column, shard_rows=shard_rows, errors=errors,
-        query=query, task=task, max_length=max_length, overwrite=overwrite, hardware=HardwareOptions(**hw_opts),
-        progress=not quiet and sys.stderr.isatty(),
+        skip_empty=skip_empty, query=query, task=task, max_length=max_length, overwrite=overwrite,
+        hardware=HardwareOptions(**hw_opts), progress=not quiet and sys.stderr.isatty(), verbose=verbose,
+        on_plan=None if quiet else lambda line: click.echo(line, err=True),
     )  # fmt: skip
     if not quiet:
         skipped = f", {s.skipped_shards} already complete" if s.skipped_shards else ""
