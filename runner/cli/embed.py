@@ -36,6 +36,7 @@ errors_option = click.option(
 skip_empty_option = click.option(
     "--skip-empty",
     is_flag=True,
+    default=False,
     help="Leave out blank lines and empty cells (else an error naming the first); runner embed lists them as "
     "skipped_rows in the output's metadata, embed-dataset's ids stay the input's row numbers.",
 )
@@ -235,7 +236,7 @@ def embed(
 @click.option("--task", help="Instruction for --query (default: the model's).")
 @max_length_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
-@click.option("-v", "--verbose", is_flag=True, help="Show Ray's own logs and progress bars.")
+@field_option(embed_dataset, "verbose", "-v", "--verbose", is_flag=True, help="Show Ray's own logs and progress bars.")
 @hardware_options
 def embed_dataset_cmd(
     inputs: tuple[str, ...],
