@@ -20,7 +20,7 @@ from itertools import islice
 import numpy as np
 
 from planner import HardwareOptions, Plan
-from planner.batching import MIN_TOKEN_BUDGET, token_budget
+from planner.batching import MAX_SEQS_PER_DECODE, MIN_TOKEN_BUDGET, token_budget
 from planner.policy import max_length_for
 from quantize import gguf_keys
 from quantize.errors import BadInput, CorruptModelFile
@@ -36,9 +36,6 @@ log = logging.getLogger("runner")
 # HEAD_MARGIN tokens, so that the tokens a cut changes fall past the ones kept).
 HEAD_CHARS_PER_TOKEN = 8
 HEAD_MARGIN = 64
-# Stream steps: the first embeds this many tokens' worth of texts, the next ones about STEP_SECONDS of work each.
-FIRST_STEP_TOKENS = 64
-STEP_SECONDS = 1.0
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # valid in JSON ("\ud800"), never in UTF-8 text
 
 
@@ -273,9 +270,10 @@ class Pipeline:
     ) -> Iterator[Chunk]:
         """Texts in, chunks of vectors out, reading TEXTS lazily (memory stays flat for any input).
 
-        A chunk ends at CHUNK_SIZE texts or once PART_SECONDS of embedding have gone into it (by CLOCK), whichever
-        comes first, so a run of any size and speed writes its work often. Texts are embedded a micro-batch's worth
-        of tokens at a time; ON_STEP(texts) follows each step (a progress bar moves per micro-batch, not per chunk).
+        Texts are embedded one engine micro-batch at a time (as many as fill its token budget), and ON_STEP(texts)
+        follows each, so a progress bar moves per micro-batch. A chunk ends at CHUNK_SIZE texts or once
+        PART_SECONDS of embedding have gone into it (by CLOCK), whichever comes first, so a run of any size and
+        speed keeps its work often.
 
         Each chunk's digest covers RUN_KEY and every text so far, so a resumed run can tell whether the part an
         interrupted run left is the same work: RESUMED(index) is how many texts that part holds (None: no part),
@@ -285,66 +283,68 @@ class Pipeline:
         if chunk_size < 1:
             raise BadInput(f"chunk size {chunk_size}: must be at least 1")
         tokenize = {k: options.pop(k) for k in ("query", "task", "truncate") if k in options}
-        # A step starts small and grows to about STEP_SECONDS of work (at most one full micro-batch of the engine),
-        # so the caller hears of progress every second or so however fast the machine is.
-        budget, step_tokens = token_budget(self.max_length), FIRST_STEP_TOKENS
+        budget = token_budget(self.max_length)  # one micro-batch of the engine (runner.engine packs by it)
         running = hashlib.sha256(run_key.encode())
         it = iter(texts)
         first, index = 0, 0
+        pending: tuple[str, Tokenized] | None = None  # read, but over the last micro-batch's budget
 
-        def take(n: int) -> list:
-            batch = list(islice(it, n))
+        def digest(batch: list) -> str:
             for t in batch:
                 # Not a text: tokenize refuses it, naming it (its repr could be gigabytes, or recurse 100,000 deep).
                 running.update(t.encode("utf-8", "surrogatepass") if isinstance(t, str) else type(t).__name__.encode())
                 running.update(b"\0")
-            return batch
+            return running.hexdigest()
 
         while True:
-            left = resumed(index) if resumed is not None else None
+            left = resumed(index) if resumed is not None and pending is None else None
             if left is not None:  # the interrupted run's part: the same texts again, unless it is damaged
-                batch = take(left)
+                batch = list(islice(it, left))
                 if not batch:
                     return
-                digest = running.hexdigest()
-                if skip is not None and skip(index, digest, len(batch)):
+                sha = digest(batch)
+                vectors = None
+                if skip is not None and skip(index, sha, len(batch)):
                     if stats is not None:
                         stats.skipped += len(batch)
-                    if on_step is not None:
-                        on_step(len(batch))
-                    yield Chunk(index, first, len(batch), digest, None)
                 else:
                     vectors = self.embed(batch, first_index=first, stats=stats, **tokenize, **options)
-                    if on_step is not None:
-                        on_step(len(batch))
-                    yield Chunk(index, first, len(batch), digest, vectors)
+                if on_step is not None:
+                    on_step(len(batch))
+                yield Chunk(index, first, len(batch), sha, vectors)
                 first += len(batch)
                 index += 1
                 continue
-            started, done, parts = clock(), 0, []
+            started, done, parts, sha = clock(), 0, [], ""
             while done < chunk_size and (not parts or clock() - started < part_seconds):
-                tok = Tokenized()
-                while done + len(tok) < chunk_size and tok.tokens < step_tokens and (text := take(1)):
-                    more = self.tokenize(text, first_index=first + done + len(tok), **tokenize)
+                step, tok = [], Tokenized()
+                while done + len(tok) < chunk_size and len(tok) < MAX_SEQS_PER_DECODE:
+                    if pending is None:
+                        if not (text := list(islice(it, 1))):
+                            break
+                        pending = (text[0], self.tokenize(text, first_index=first + done + len(tok), **tokenize))
+                    if tok and tok.tokens + pending[1].tokens > budget:
+                        break  # the next micro-batch's
+                    step.append(pending[0])
+                    more = pending[1]
                     tok.seqs += more.seqs
                     tok.skips += more.skips
                     tok.cut += more.cut
+                    pending = None
                 if not tok:
                     break
+                sha = digest(step)
                 if stats is not None:
                     stats.texts += len(tok)
                     stats.tokens += tok.tokens
                     stats.truncated += tok.truncated
-                began = clock()
                 parts.append(self.vectors(tok, first_index=first + done, **options))
-                rate = tok.tokens / max(clock() - began, 1e-3)
-                step_tokens = int(min(budget, max(1, rate * STEP_SECONDS)))
                 done += len(tok)
                 if on_step is not None:
                     on_step(len(tok))
             if not parts:
                 return
-            yield Chunk(index, first, done, running.hexdigest(), np.concatenate(parts))
+            yield Chunk(index, first, done, sha, np.concatenate(parts))
             first += done
             index += 1
 
