@@ -79,7 +79,7 @@ def test_an_interrupted_run_keeps_its_work(minilm, tmp_path) -> None:
     """Before: the bar and the parts moved once per 2,048-text chunk, so a 1,000-text run showed nothing until it
     ended and an interrupted one kept nothing. Parts here end by time (--part-seconds 0.5, the 30 s default
     scaled down), never by --chunk-size."""
-    texts = corpus(1000)
+    texts = [t.replace("\n", " ") for t in corpus(1000)]  # one line each
     src = tmp_path / "in.txt"
     src.write_text("\n".join(texts) + "\n")
     out = tmp_path / "v.npy"

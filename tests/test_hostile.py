@@ -225,7 +225,7 @@ def test_resume_refuses_a_same_size_model_with_other_weights(minilm, tmp_path) -
     embd.flush()
     del embd
     refused = run_cli(*args, "--input", str(tmp_path / "good.txt"), "--resume", check=False)
-    assert_one_line_error(refused, "another model or options")
+    assert_one_line_error(refused, "another model (its sha256 differs)")
     moved = tmp_path / "elsewhere.gguf"  # the interrupted run's model, at another path: the same content
     shutil.copyfile(minilm, moved)
     args[2] = str(moved)
