@@ -263,7 +263,10 @@ def main(argv: list[str] | None = None) -> None:
     for quant, weighted, path in runs:
         rows.append(replace(measure(quant, path, texts, ref, ref_nn, params), imatrix=weighted))
         r = rows[-1]
-        log(f"{quant} (imatrix {weighted}): mean cos {r.mean_cos:.5f}, {r.seconds:.1f} s; {tensor_types(path)}")
+        log(
+            f"{quant} (imatrix {weighted}): mean cos {r.mean_cos:.5f}, min {r.min_cos:.5f}, "
+            f"top-{TOP_K} {r.overlap:.3f}, {r.seconds:.1f} s; {tensor_types(path)}"
+        )
 
     command = shlex.join(["python", "-m", "bench.retention", *argv])
     print(markdown_table(rows, command, len(texts), args.model) if args.markdown else plain_table(rows))
