@@ -151,7 +151,7 @@ def test_a_full_disk_is_one_line_keeps_the_parts_and_resumes(minilm, tmp_path) -
     whole = tmp_path / "whole.npy"
     run_cli("embed", "-m", str(minilm), "--input", str(tmp_path / "in.txt"), "--chunk-size", "50", "-o", str(whole))
     assert (out / "v.npy").read_bytes() == whole.read_bytes()
-    assert (out / "ls2").read_text().split() == ["v.npy"]
+    assert (out / "ls2").read_text().split() == ["v.npy", "v.npy.json"]  # the output and its model sidecar
     rc, err = result(3)  # a part that does not fit: the same, naming the part
     assert rc == 1 and err.count("\n") == 1 and err.startswith(f"error: {d2}/w.npy.parts/"), err
     assert "disk full" in err and "Traceback" not in err
