@@ -16,12 +16,17 @@ Face hub and cache (planner.disk's download listing, planner.shapes.hub_config) 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from planner import calibration, disk
 from planner.hardware import Hardware, parse_size, probe, with_overrides
 from planner.policy import Plan, max_length_for, plan
 from planner.shapes import file_quant, resolve_shape
+from quantize import manifest
+from quantize.convert import output_path
+from quantize.files import models_home
 from quantize.reference import Kind, ModelRef
+from quantize.source import resolve
 
 
 @dataclass(frozen=True)
@@ -62,9 +67,22 @@ def plan_for(
     length = max_length_for(max_length, model_max, shape.context)
     measured = calibration.load(shape, hw.cores)
     speeds = measured.predict(shape) if measured else None
-    p = plan(shape, hw, length, quant, options.max_quant, options.min_quant, options.prefer, speeds)
+    kept = {q: f["mean_cosine"] for q, f in manifest.retention(store_of(ref)).items()}
+    p = plan(shape, hw, length, quant, options.max_quant, options.min_quant, options.prefer, speeds, kept)
     # A GGUF file runs as it is; else the chosen quant may still need a download, a conversion and a quantization.
-    return replace(p, disk=disk.for_run(ref, None if ref.kind is Kind.GGUF else p.chosen.quant, shape))
+    where = disk.for_run(ref, None if ref.kind is Kind.GGUF else p.chosen.quant, shape)
+    return replace(p, disk=where)
 
 
-__all__ = ["HardwareOptions", "Plan", "plan", "plan_for"]
+def store_of(ref: ModelRef) -> Path:
+    """The directory that holds (or will hold) REF's GGUF files and their manifest.json."""
+    if ref.kind is Kind.GGUF:
+        return ref.path.parent
+    if ref.kind is Kind.STORE:
+        return ref.path
+    if ref.kind is Kind.CHECKPOINT:  # converted into the models home, named as convert names it
+        return output_path(resolve(str(ref.path)), None, "f16").parent
+    return models_home() / (ref.text if ref.kind is Kind.REGISTRY else ref.text.split("/")[-1])
+
+
+__all__ = ["HardwareOptions", "Plan", "plan", "plan_for", "store_of"]

@@ -10,8 +10,8 @@ Rule, in order:
    layers set the speed (they run an order of magnitude slower than GPU layers); ties go to fidelity.
 4. Else (no GPU, or nothing offloads): the CPU plan, among the quants that fit in free RAM, by --prefer:
    - fidelity: the highest-fidelity quant (F16 included);
-   - balanced (the default): the fastest on this CPU whose expected cosine to F16 is >= 0.999 (F16, Q8_0,
-     Q6_K by the retention table in quantize/quants.py);
+   - balanced (the default): the fastest on this CPU whose cosine to F16, measured on this model's own files
+     (`runner retention`, recorded in its manifest.json), is >= 0.999; an unmeasured quant never qualifies;
    - speed: the fastest at Q4_K_M or above.
    Speed on a CPU depends on the CPU (on one AVX2 EPYC F16 was fastest, on another Q6_K ran 1.9x F16), so
    it comes from this machine's calibration (`runner calibrate`, planner/calibration.py); without one,
@@ -29,7 +29,7 @@ from planner.hardware import NO_OFFLOAD, Hardware
 from planner.memory import Needs, Settings, needs
 from planner.shapes import ModelShape
 from quantize.errors import BadInput
-from quantize.quants import FIDELITY, RETENTION
+from quantize.quants import FIDELITY
 
 if TYPE_CHECKING:
     from planner.disk import DiskPlan
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 PREFERENCES = ("fidelity", "balanced", "speed")
 BALANCED_COSINE = 0.999  # --prefer balanced: the least expected cosine to F16
 SPEED_FLOOR = "Q4_K_M"  # --prefer speed: nothing below this (retention drops fast below it)
+RETENTION_HINT = "`runner retention -m MODEL` measures them"
 CALIBRATE_HINT = "no CPU calibration for this machine: `runner calibrate -m MODEL` measures one (about 2 minutes)"
 ACCEPTABLE_PARTIAL = FIDELITY[: FIDELITY.index("Q4_K_M") + 1]
 MAX_LENGTH_CAP = 8192  # default --max-length: the model's max length, at most this (compute grows with it)
@@ -51,7 +52,7 @@ class Row:
     gpu_layers: tuple[int, ...]
     needs: Needs
     cpu_tokens_per_s: float | None = None  # predicted on this CPU from its calibration; None: not measured
-    retention: float | None = None  # expected mean cosine to F16 (quantize/quants.py); None: not measured
+    retention: float | None = None  # mean cosine to F16 measured on this model (runner.retention); None: unmeasured
 
     @property
     def n_gpu_layers(self) -> int:
@@ -179,19 +180,22 @@ def plan(
     min_quant: str | None = None,
     prefer: str = "balanced",
     cpu_speeds: dict[str, float] | None = None,
+    retention: dict[str, float] | None = None,
 ) -> Plan:
-    """The plan for SHAPE on HW. CPU_SPEEDS: predicted tokens/s per quant on this CPU (calibration), if any."""
+    """The plan for SHAPE on HW. CPU_SPEEDS: predicted tokens/s per quant on this CPU (calibration), if any.
+    RETENTION: mean cosine to F16 per quant, measured on this model's own files (F16 is 1 by definition)."""
     if prefer not in PREFERENCES:
         raise BadInput(f"--prefer {prefer}: choose from {', '.join(PREFERENCES)}")
     s = Settings(max_length, hw.embeddings_only)
     speeds = cpu_speeds or {}
+    kept = {**(retention or {}), "F16": 1.0}
     rows = tuple(
-        replace(evaluate(shape, q, hw, s), cpu_tokens_per_s=speeds.get(q), retention=RETENTION.get(q)) for q in FIDELITY
+        replace(evaluate(shape, q, hw, s), cpu_tokens_per_s=speeds.get(q), retention=kept.get(q)) for q in FIDELITY
     )
     by_quant = {r.quant: r for r in rows}
 
     def done(row: Row, reason: str) -> Plan:
-        row = replace(row, cpu_tokens_per_s=speeds.get(row.quant), retention=RETENTION.get(row.quant))
+        row = replace(row, cpu_tokens_per_s=speeds.get(row.quant), retention=kept.get(row.quant))
         # The table shows the chosen quant where it runs (a quant re-planned for the CPU is no longer "split").
         return Plan(shape, hw, s, tuple(row if r.quant == row.quant else r for r in rows), row, reason, prefer)
 
@@ -233,9 +237,11 @@ def plan(
         why = NO_OFFLOAD
     else:
         why = "no usable GPU" if not hw.usable_gpus() else "too little GPU memory for an acceptable quant"
+    # balanced passes over a quant only for want of a measurement: the reason says which, and how to measure it.
+    unmeasured = [r.quant for r in on_cpu if r.quant in speeds and r.quant not in kept] if prefer == "balanced" else []
     if prefer == "balanced":
-        fast = [r for r in on_cpu if r.quant in speeds and RETENTION.get(r.quant, 0.0) >= BALANCED_COSINE]
-        rule = f"the fastest quant on this CPU that keeps >= {BALANCED_COSINE} cosine to F16"
+        fast = [r for r in on_cpu if r.quant in speeds and kept.get(r.quant, 0.0) >= BALANCED_COSINE]
+        rule = f"the fastest quant on this CPU that keeps >= {BALANCED_COSINE} cosine to F16, measured on this model"
     elif prefer == "speed":
         fast = [r for r in on_cpu if r.quant in speeds and FIDELITY.index(r.quant) <= FIDELITY.index(SPEED_FLOOR)]
         rule = f"the fastest quant on this CPU at {SPEED_FLOOR} or above"
@@ -243,8 +249,12 @@ def plan(
         return done(on_cpu[0], f"{why}; the highest-fidelity quant that fits in RAM")
     if fast:
         best = max(fast, key=lambda r: (speeds[r.quant], -FIDELITY.index(r.quant)))
-        return done(best, f"{why}; {rule} ({speeds[best.quant]:.0f} tokens/s predicted)")
+        faster = [q for q in unmeasured if speeds[q] > speeds[best.quant]]
+        note = f"; {', '.join(faster)} faster but unmeasured: {RETENTION_HINT}" if faster else ""
+        return done(best, f"{why}; {rule} ({speeds[best.quant]:.0f} tokens/s predicted){note}")
     hint = CALIBRATE_HINT if not speeds else "no calibrated quant qualifies"
+    if unmeasured:
+        hint += f"; {RETENTION_HINT}"
     return done(on_cpu[0], f"{why}; the highest-fidelity quant that fits in RAM ({hint})")
 
 

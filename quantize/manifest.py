@@ -26,6 +26,7 @@ log = logging.getLogger("runner")
 
 MANIFEST = "manifest.json"
 PIN = "pin"  # {"quant": "Q6_K", "file": "<name>-Q6_K.gguf", "sha256": its recorded digest or null}
+RETENTION = "retention"  # in a quant file's entry: runner.retention's figures against the F16 file
 _MAX_BYTES = 1 << 20  # a manifest records a few dozen files in a few KB; anything bigger is not one
 
 
@@ -179,6 +180,46 @@ def pin(directory: Path, quant: str, file: str, digest: str | None) -> None:
         manifest = _read(manifest_path)
         manifest[PIN] = {"quant": quant, "file": file, "sha256": digest}
         write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+
+
+def record_retention(path: Path, figures: dict) -> None:
+    """Record FIGURES (runner.retention: cosines to the F16 file, neighbour overlap) in PATH's entry, under the
+    manifest's lock. A file made again gets a new entry (record), so figures never outlive their file."""
+    manifest_path = path.parent / MANIFEST
+    with _locked(path.parent):
+        manifest = _read(manifest_path)
+        entry = manifest["files"].get(path.name)
+        if not isinstance(entry, dict):
+            raise BadInput(f"{path}: not recorded in {manifest_path}; `runner quantize` records the files it makes")
+        entry[RETENTION] = figures
+        write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+
+
+def retention(directory: Path) -> dict[str, dict]:
+    """Measured retention per quant in DIRECTORY's manifest ({} when none): entries whose figures are cosines in
+    [-1, 1] and an overlap in [0, 1]; anything else there is ignored with a warning (the file is anyone's to edit)."""
+    try:
+        files = entries(directory)
+    except CorruptModelFile:
+        return {}
+    found = {}
+    for name, entry in files.items():
+        figures = entry.get(RETENTION)
+        if figures is None:
+            continue
+        if isinstance(figures, dict) and isinstance(entry.get("quant"), str) and _figures_ok(figures):
+            found[entry["quant"]] = figures
+        else:
+            log.warning("%s: the %s of %s is not a measurement; ignored", directory / MANIFEST, RETENTION, name)
+    return found
+
+
+def _figures_ok(figures: dict) -> bool:
+    def number(key: str, low: float) -> bool:
+        value = figures.get(key)
+        return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= 1
+
+    return number("mean_cosine", -1) and number("min_cosine", -1) and number("top10_overlap", 0)
 
 
 def recorded_sha256(path: Path) -> str | None:

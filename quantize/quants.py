@@ -18,7 +18,3 @@ UNQUANTIZED = ["F32", "F16", "BF16"]
 QUANTS = [*LADDER[:6], "IQ4_XS", "Q3_K_L", "Q3_K_M", "IQ3_M", "Q3_K_S", "IQ3_XXS", "Q2_K", "IQ2_M"]
 # Highest fidelity first: what `-m DIR` picks when no --quant is given.
 PREFERENCE = [*UNQUANTIZED, *QUANTS]
-# Expected mean cosine to the F16 vectors, from `python -m bench.retention --markdown --texts 1000` on
-# SmolLM2-135M's real weights (the README's retention table). Quants that run has not measured are absent:
-# the planner treats them as unknown, never as good enough for `--prefer balanced`.
-RETENTION = {"F16": 1.0, "Q8_0": 0.99943, "Q6_K": 0.99911, "Q4_K_M": 0.99092, "Q3_K_M": 0.98010, "Q2_K": 0.92977}

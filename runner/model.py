@@ -266,6 +266,9 @@ def _pick(directory: Path, quant: str | None, keep_f16: bool = True, progress: P
     if base is None or quant not in LADDER:
         raise ModelNotFound(f"{directory}: no {quant} file and nothing to make it from; have {', '.join(files)}")
     made = quantize(base, [quant], progress=progress)[0]
+    from runner.retention import after_quantize  # runs the engine: loaded only when a quant is made
+
+    after_quantize(made, progress=progress)  # measured now when quick, else it says how
     held = size(base.stat().st_size)
     if keep_f16:
         name = directory.name if directory.parent == models_home() else str(directory)

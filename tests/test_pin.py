@@ -34,11 +34,12 @@ def test_the_pin_survives_a_calibration_and_an_auto_quant_run(tmp_path, monkeypa
     assert f"pinned F16 ({MINILM}-F16.gguf): runs of this model use it" in first.stderr, first.stderr
     assert pin_in(home) == "F16"
 
-    # A calibration after which the plan for this machine picks Q6_K: it changes no pin.
+    # A calibration after which the plan for this machine picks Q6_K (--prefer speed: balanced would wait for a
+    # measured retention of this model's Q6_K): it changes no pin.
     shape = resolve_shape(MINILM)
     save(Calibration(cpu_identity(probe().cores), layer_shape(shape), CALIBRATED_LAYERS, dict(Q6K_FASTEST)))
-    assert plan_for(MINILM, options=HardwareOptions(cpu=True)).chosen.quant == "Q6_K"
-    auto = run_cli("embed", "-m", MINILM, "--auto-quant", "--cpu", "hi", env=env)
+    assert plan_for(MINILM, options=HardwareOptions(cpu=True, prefer="speed")).chosen.quant == "Q6_K"
+    auto = run_cli("embed", "-m", MINILM, "--auto-quant", "--cpu", "--prefer", "speed", "hi", env=env)
     assert f"pinned F16 ({MINILM}-F16.gguf) kept; the plan for this machine picks Q6_K" in auto.stderr
     assert "--quant Q6_K moves the pin" in auto.stderr and f"{MINILM}-F16.gguf, F16 on cpu)" in auto.stderr
     assert pin_in(home) == "F16" and not (home / f"{MINILM}-Q6_K.gguf").exists()
@@ -47,7 +48,7 @@ def test_the_pin_survives_a_calibration_and_an_auto_quant_run(tmp_path, monkeypa
     assert _model_file(MINILM, "auto", None, HardwareOptions(cpu=True)).quant == "F16"
     plain = run_cli("embed", "-m", MINILM, "hi", env=env)
     assert f"{MINILM}-F16.gguf, F16)" in plain.stderr and "pin" not in plain.stderr, plain.stderr
-    doc = json.loads(run_cli("plan", "-m", MINILM, "--cpu", "--json", env=env).stdout)
+    doc = json.loads(run_cli("plan", "-m", MINILM, "--cpu", "--prefer", "speed", "--json", env=env).stdout)
     assert doc["chosen"]["quant"] == "F16" and doc["pin"]["quant"] == "F16" and "pinned" in doc["reason"]
     assert doc["file"] == str(home / f"{MINILM}-F16.gguf")
 
@@ -55,7 +56,7 @@ def test_the_pin_survives_a_calibration_and_an_auto_quant_run(tmp_path, monkeypa
     moved = run_cli("embed", "-m", MINILM, "--quant", "Q6_K", "hi", env=env)
     assert f"pin moved from F16 ({MINILM}-F16.gguf) to Q6_K ({MINILM}-Q6_K.gguf)" in moved.stderr
     assert pin_in(home) == "Q6_K"
-    again = run_cli("embed", "-m", MINILM, "--auto-quant", "--cpu", "hi", env=env)
+    again = run_cli("embed", "-m", MINILM, "--auto-quant", "--cpu", "--prefer", "speed", "hi", env=env)
     assert f"{MINILM}-Q6_K.gguf, Q6_K on cpu)" in again.stderr and "pin" not in again.stderr, again.stderr
     from runner import Embedder
 

@@ -26,6 +26,7 @@ COMMANDS = {
     "models": "runner.cli.models:models",
     "plan": "runner.cli.plan:plan_cmd",
     "quantize": "runner.cli.models:quantize",
+    "retention": "runner.cli.retention:retention",
     "rm": "runner.cli.models:rm_cmd",
     "serve": "runner.cli.serve:serve",
     "verify": "runner.cli.models:verify",

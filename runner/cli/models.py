@@ -86,6 +86,7 @@ def quantize(
     from quantize.imatrix import for_quantize as imatrix_for
     from quantize.ladder import quantize as run_quantize
     from quantize.progress import Progress
+    from runner.retention import after_quantize
 
     chosen = LADDER if all_quants else [q.upper() for q in quants]
     if not chosen:
@@ -96,6 +97,7 @@ def quantize(
     importance = imatrix_for(imatrix, gguf_file, threads, progress) if imatrix else None
     for path in run_quantize(gguf_file, chosen, outdir, threads, progress, importance):
         click.echo(str(path))
+        after_quantize(path, threads, progress)  # measured now when quick (runner.retention), else it says how
 
 
 @click.command()

@@ -72,8 +72,8 @@ def hardware_options(f: F) -> F:
                 HardwareOptions,
                 "prefer",
                 type=click.Choice(PREFERENCES),
-                help="CPU plans: the most faithful quant, the fastest keeping >= 0.999 cosine to F16, or the fastest "
-                "at Q4_K_M or above (speeds from `runner calibrate`).",
+                help="CPU plans: the most faithful quant, the fastest keeping >= 0.999 cosine to F16 as measured on "
+                "the model (`runner retention`), or the fastest at Q4_K_M or above (speeds from `runner calibrate`).",
             ),
         ],
         f,

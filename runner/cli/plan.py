@@ -53,16 +53,21 @@ def plan_cmd(
         gpus += " (this llama-cpp-python build cannot offload; the chosen line says how to rebuild)"
     click.echo(f"{p.shape.name}: max length {p.settings.max_length} (n_ubatch {p.settings.ubatch})")
     click.echo(f"hardware: {gpus}; RAM {hw.ram_free / gib:.1f} GiB free; {hw.cores} cores ({hw.source})")
-    click.echo(f"  {'quant':<8}{'file':>10}{'GPU':>10}{'RAM':>10}{'CPU tok/s':>11}{'cos F16':>9}  fits")
+    click.echo(f"  {'quant':<8}{'file':>10}{'GPU':>10}{'RAM':>10}{'CPU tok/s':>11}{'cos F16':>12}  fits")
     for r in p.rows:
         mark = ">" if r is p.chosen or r.quant == p.chosen.quant else " "
         fits = {"split": f"split, {r.n_gpu_layers}/{p.shape.layers} layers on GPU"}.get(r.fits, r.fits)
         speed = f"{r.cpu_tokens_per_s:.1f}" if r.cpu_tokens_per_s else "?"
-        cosine = f"{r.retention:.4f}" if r.retention else "?"
+        cosine = "unmeasured" if r.retention is None else f"{r.retention:.5f}"
         sizes = "".join(f"{size(b) if b else '-':>10}" for b in (r.needs.file, r.needs.gpu_total, r.needs.ram))
-        click.echo(f"{mark} {r.quant:<8}{sizes}{speed:>11}{cosine:>9}  {fits}")
+        click.echo(f"{mark} {r.quant:<8}{sizes}{speed:>11}{cosine:>12}  {fits}")
     if not any(r.cpu_tokens_per_s for r in p.rows):
         click.echo("CPU tok/s: not measured on this machine; `runner calibrate -m MODEL` measures it (~2 minutes).")
+    if any(r.retention is None for r in p.rows):
+        click.echo(
+            "cos F16: mean cosine to the F16 vectors, measured on this model's own files; `runner retention -m MODEL` "
+            "measures the quants on disk (unmeasured ones never count for --prefer balanced)."
+        )
     click.echo(f"chosen: {p.chosen.quant} on {p.device} — {p.reason}.")
     if ref.kind is Kind.GGUF:
         note = ""  # a GGUF file is its own pin
