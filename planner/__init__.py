@@ -71,7 +71,7 @@ def plan_for(
     p = plan(shape, hw, length, quant, options.max_quant, options.min_quant, options.prefer, speeds, kept)
     # A GGUF file runs as it is; else the chosen quant may still need a download, a conversion and a quantization.
     where = disk.for_run(ref, None if ref.kind is Kind.GGUF else p.chosen.quant, shape)
-    return replace(p, disk=where)
+    return replace(p, disk=where, calibration=measured)
 
 
 def store_of(ref: ModelRef) -> Path:

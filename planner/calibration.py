@@ -16,9 +16,11 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import platform
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -35,6 +37,10 @@ ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "a
              "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve", "i8mm")  # fmt: skip
 # Tokens/s over the timed layers above which a cache entry is not a measurement: CPUs manage thousands.
 MAX_TOKENS_PER_S = 1e9
+# The most a quant's repeats may disagree ((fastest - slowest) / median) for a calibration to be cached: on a
+# quiet 2-core machine repeats agree within a few percent; under a load average of 6-8 they differed by 2x and
+# flipped plans. The ranking of the quants, which is what a plan uses, is trusted to about this much.
+MAX_SPREAD = 0.15
 
 
 def cache_file() -> Path:
@@ -75,11 +81,37 @@ class Calibration:
     identity: dict[str, object]
     layer: dict[str, int]
     layers: int  # how many layers were timed
-    tokens_per_s: dict[str, float]  # quant -> tokens/s over `layers` layers
+    tokens_per_s: dict[str, float]  # quant -> tokens/s over `layers` layers (the median of its repeats)
+    spread: dict[str, float] = field(default_factory=dict)  # quant -> (fastest - slowest) / median of its repeats
+    measured_at: str | None = None  # ISO 8601 with its offset; None: a cache written before times were recorded
+    load_average: float | None = None  # the 1-minute load average, the highest seen while timing
 
     def predict(self, shape: ModelShape) -> dict[str, float]:
         """Tokens/s per quant for SHAPE's full depth: the same layers, scaled by how many there are."""
         return {q: tps * self.layers / shape.layers for q, tps in self.tokens_per_s.items()}
+
+    @property
+    def worst_spread(self) -> float | None:
+        return max(self.spread.values()) if self.spread else None
+
+    def steady(self) -> bool:
+        """Whether every quant's repeats agree within MAX_SPREAD (the condition to cache it)."""
+        return self.worst_spread is not None and self.worst_spread <= MAX_SPREAD
+
+    def taken(self) -> dict[str, object]:
+        """When and under what load it was measured, and how far its repeats disagreed (`runner plan --json`)."""
+        return {"measured_at": self.measured_at, "load_average": self.load_average, "cores": self.identity["threads"],
+                "spread": self.worst_spread}  # fmt: skip
+
+    def describe(self) -> str:
+        """One line for `runner plan`: when, under what load, how steady."""
+        if self.measured_at is None:
+            return "calibrated at an unrecorded time (`runner calibrate` again records when and under what load)"
+        when = datetime.fromisoformat(self.measured_at).strftime("%Y-%m-%d %H:%M %Z").strip()
+        load = "load unknown" if self.load_average is None else f"load average {self.load_average:.1f}"
+        load += f" (timed with {self.identity['threads']} threads)"
+        spread = f"repeats within {self.worst_spread:.0%}" if self.worst_spread is not None else "one repeat each"
+        return f"calibrated {when}, {load}, {spread}"
 
 
 def load(shape: ModelShape, threads: int, path: Path | None = None) -> Calibration | None:
@@ -102,6 +134,7 @@ def load(shape: ModelShape, threads: int, path: Path | None = None) -> Calibrati
         return None
     try:
         layers, speeds = _checked(found)
+        spread, measured_at, load_average = _checked_conditions(found)
     except ValueError as e:
         log.warning(
             "%s: the entry for this CPU and layer shape is not a measurement (%s); ignored: "
@@ -110,7 +143,32 @@ def load(shape: ModelShape, threads: int, path: Path | None = None) -> Calibrati
             e,
         )
         return None
-    return Calibration(identity, layer, layers, speeds)
+    return Calibration(identity, layer, layers, speeds, spread, measured_at, load_average)
+
+
+def _checked_conditions(entry: dict) -> tuple[dict[str, float], str | None, float | None]:
+    """An entry's spread per quant, time and load average (absent in caches written before they were recorded),
+    or a ValueError saying what is wrong."""
+    spread = entry.get("spread", {})
+    if not isinstance(spread, dict) or not all(
+        q in FIDELITY and _number(v) and 0 <= v <= MAX_TOKENS_PER_S for q, v in spread.items()
+    ):
+        raise ValueError("spread is not a table of quants to fractions")
+    measured_at = entry.get("measured_at")
+    if measured_at is not None:
+        try:
+            if not isinstance(measured_at, str) or datetime.fromisoformat(measured_at).tzinfo is None:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"measured_at {str(measured_at)[:30]!r} is not a time with its offset") from None
+    load_average = entry.get("load_average")
+    if load_average is not None and not (_number(load_average) and 0 <= load_average < 1e6):
+        raise ValueError(f"load_average {str(load_average)[:20]!r} is not a load average")
+    return {q: float(v) for q, v in spread.items()}, measured_at, load_average
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _checked(entry: object) -> tuple[int, dict[str, float]]:
@@ -156,6 +214,9 @@ def save(calibration: Calibration, path: Path | None = None) -> Path:
             "layer": calibration.layer,
             "layers": calibration.layers,
             "tokens_per_s": calibration.tokens_per_s,
+            "spread": calibration.spread,
+            "measured_at": calibration.measured_at,
+            "load_average": calibration.load_average,
         }
         write_text_atomic(path, json.dumps(entries, indent=2, sort_keys=True) + "\n")
     return path

@@ -32,6 +32,7 @@ from quantize.errors import BadInput
 from quantize.quants import FIDELITY
 
 if TYPE_CHECKING:
+    from planner.calibration import Calibration
     from planner.disk import DiskPlan
 
 PREFERENCES = ("fidelity", "balanced", "speed")
@@ -83,6 +84,7 @@ class Plan:
     reason: str
     prefer: str = "balanced"
     disk: DiskPlan | None = None  # what the run will write (planner.disk); plan_for fills it in
+    calibration: Calibration | None = None  # where the CPU speeds come from; plan_for fills it in
 
     @property
     def device(self) -> str:
@@ -114,6 +116,7 @@ class Plan:
             "prefer": self.prefer,
             "quants": [r.as_json() for r in self.rows],
             "disk": self.disk.as_json() if self.disk else None,
+            "calibration": self.calibration.taken() if self.calibration else None,
         }
 
 

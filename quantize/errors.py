@@ -39,3 +39,7 @@ class NotEnoughDisk(UserError):
 
 class OutOfMemory(EngineError):
     """llama.cpp could not allocate a model or context: the one failure worth retrying with fewer GPU layers."""
+
+
+class UnsteadyTiming(UserError):
+    """Repeated timings disagreed by more than their bound (the machine was busy): nothing was cached."""

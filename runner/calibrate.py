@@ -3,16 +3,22 @@
 Writes a synthetic GGUF of CALIBRATED_LAYERS layers of the model's shape (random F16 weights written
 directly with gguf-py, the family class's own tensor layout, a 259-token vocabulary so the embedding
 table is tiny), quantizes it with llama.cpp's quantizer, then times the engine on full micro-batches of
-token ids for each quant: the median of REPEATS runs after a warm-up. Weights' values do not change
-kernel speed, and a model's speed scales with its layer count (planner/calibration.py predicts from it).
+token ids for each quant, every file loaded and warmed up first, then REPEATS rounds in turns (F16, Q8_0, ...,
+F16, Q8_0, ...), so that load which comes and goes on a shared machine falls on every quant alike: the median
+per quant, and how far its repeats disagree (`runner calibrate` refuses to cache a result past
+planner.calibration.MAX_SPREAD). Weights' values do not change kernel speed, and a model's speed scales with its
+layer count (planner/calibration.py predicts from it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import gguf
@@ -91,31 +97,78 @@ def median_rate(engine: Engine, seqs: list[np.ndarray], repeats: int) -> float:
     return sum(len(s) for s in seqs) / statistics.median(times)
 
 
-def tokens_per_second(path: Path, threads: int, repeats: int) -> float:
-    """Median tokens/s of full micro-batches (calibration_batch) on PATH."""
-    with Engine(path, threads) as engine:
-        return median_rate(engine, calibration_batch(), repeats)
+def _timed_run(engine: Engine) -> Callable[[], int]:
+    """What one turn of ENGINE runs: a full micro-batch of calibration_batch(), after one warm-up (context, page-in,
+    repacking); it returns the tokens embedded."""
+    seqs = calibration_batch()
+    engine.embed_tokens(seqs)
+
+    def run() -> int:
+        engine.embed_tokens(seqs)
+        return sum(len(s) for s in seqs)
+
+    return run
+
+
+def in_turns(
+    runs: dict[str, Callable[[], int]],
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
+    after_turn: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
+    """Tokens/s of each run, REPEATS times, taken in turns (A B C, A B C, ...) so that load which comes and goes
+    on a shared machine falls on every quant alike. Each run returns the tokens it embedded; AFTER_TURN is called
+    after each round."""
+    rates: dict[str, list[float]] = {quant: [] for quant in runs}
+    for _ in range(repeats):
+        for quant, run in runs.items():
+            start = clock()
+            tokens = run()
+            rates[quant].append(tokens / max(clock() - start, 1e-9))
+        after_turn()
+    return rates
+
+
+def spread(rates: list[float]) -> float:
+    """How far repeats disagree: (fastest - slowest) / median."""
+    return (max(rates) - min(rates)) / statistics.median(rates)
 
 
 def calibrate(
     shape: ModelShape,
     quants: tuple[str, ...] = DEFAULT_QUANTS,
     threads: int | None = None,
-    repeats: int = 2,
+    repeats: int = 3,
     progress: Callable[[str], None] = lambda _: None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Calibration:
-    """Tokens/s of each of QUANTS over CALIBRATED_LAYERS layers of SHAPE's layer on this CPU."""
+    """Tokens/s of each of QUANTS over CALIBRATED_LAYERS layers of SHAPE's layer on this CPU: every file loaded and
+    warmed up, then REPEATS rounds in turns; the median per quant, how far its repeats disagree, when, and the
+    highest load average seen. Whether to trust it (Calibration.steady) is the caller's decision."""
     threads = threads or physical_cores()
-    speeds: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="calibrate-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="calibrate-") as tmp, contextlib.ExitStack() as stack:
         progress(f"writing {CALIBRATED_LAYERS} layers of {shape.name}'s shape")
         f16 = synthetic_gguf(Path(tmp) / "calibration-F16.gguf", shape)
+        runs: dict[str, Callable[[], int]] = {}
         for quant in quants:
             if quant != "F16":
                 progress(f"quantizing {quant}")
             path = f16 if quant == "F16" else quantize(f16, [quant], threads=threads)[0]
-            progress(f"timing {quant}")
-            speeds[quant] = tokens_per_second(path, threads, repeats)
-            if path != f16:
-                path.unlink()  # one quantized file at a time on disk
-    return Calibration(cpu_identity(threads), layer_shape(shape), CALIBRATED_LAYERS, speeds)
+            runs[quant] = _timed_run(stack.enter_context(Engine(path, threads)))
+        measured_at = datetime.now().astimezone().isoformat(timespec="seconds")
+        load = [os.getloadavg()[0]]
+
+        def after_turn() -> None:
+            load.append(os.getloadavg()[0])
+            progress("timed a round")
+
+        rates = in_turns(runs, repeats, clock, after_turn)
+    return Calibration(
+        cpu_identity(threads),
+        layer_shape(shape),
+        CALIBRATED_LAYERS,
+        {q: statistics.median(r) for q, r in rates.items()},
+        {q: spread(r) for q, r in rates.items()},
+        measured_at,
+        max(load),
+    )

@@ -61,8 +61,10 @@ def plan_cmd(
         cosine = "unmeasured" if r.retention is None else f"{r.retention:.5f}"
         sizes = "".join(f"{size(b) if b else '-':>10}" for b in (r.needs.file, r.needs.gpu_total, r.needs.ram))
         click.echo(f"{mark} {r.quant:<8}{sizes}{speed:>11}{cosine:>12}  {fits}")
-    if not any(r.cpu_tokens_per_s for r in p.rows):
+    if p.calibration is None:
         click.echo("CPU tok/s: not measured on this machine; `runner calibrate -m MODEL` measures it (~2 minutes).")
+    else:
+        click.echo(f"CPU tok/s: {p.calibration.describe()}.")
     if any(r.retention is None for r in p.rows):
         click.echo(
             "cos F16: mean cosine to the F16 vectors, measured on this model's own files; `runner retention -m MODEL` "
@@ -124,14 +126,21 @@ def _show_disk(disk) -> None:
 @click.command()
 @click.option("-m", "--model", default="llama-embed-nemotron-8b", show_default=True, help="Whose layer shape to time.")
 @click.option("--quants", default="F16,Q8_0,Q6_K,Q5_K_M,Q5_K_S,Q4_K_M", show_default=True, help="Comma-separated.")
-@click.option("--repeats", type=click.IntRange(1, 20), default=2, show_default=True, help="Timed runs per quant.")
+@click.option(
+    "--repeats", type=click.IntRange(2, 20), default=3, show_default=True,
+    help="Timed rounds (each quant once per round, in turns).",
+)  # fmt: skip
 @click.option("--threads", type=click.IntRange(1, 1024), help="Default: physical cores (what the engine uses).")
-def calibrate(model: str, quants: str, repeats: int, threads: int | None) -> None:
-    """Time each quant on this CPU on MODEL's layer shape; `--auto-quant` and `runner plan` then use it."""
+@click.option("--force", is_flag=True, help="Cache the result even when its repeats disagree (a busy machine).")
+def calibrate(model: str, quants: str, repeats: int, threads: int | None, force: bool) -> None:
+    """Time each quant on this CPU on MODEL's layer shape, in turns; `--auto-quant` and `runner plan` then use it.
+
+    A result whose repeats disagree by more than 15 % is shown but not cached (the machine was busy)."""
     from tqdm import tqdm
 
     from planner import calibration
     from planner.shapes import resolve_shape
+    from quantize.errors import UnsteadyTiming
     from quantize.quants import FIDELITY
     from runner.calibrate import calibrate as run_calibrate
 
@@ -139,7 +148,7 @@ def calibrate(model: str, quants: str, repeats: int, threads: int | None) -> Non
     if unknown := [q for q in chosen if q not in FIDELITY]:
         raise BadInput(f"--quants {','.join(unknown)}: unknown quant; choose from {', '.join(FIDELITY)}")
     shape = resolve_shape(model)
-    steps = 1 + len(chosen) + sum(q != "F16" for q in chosen)  # write, then quantize (not F16) and time each
+    steps = 1 + sum(q != "F16" for q in chosen) + repeats  # write, quantize (not F16), then each round
     with tqdm(total=steps, file=sys.stderr, disable=not sys.stderr.isatty(), unit="step") as bar:
 
         def step(message: str) -> None:
@@ -147,11 +156,19 @@ def calibrate(model: str, quants: str, repeats: int, threads: int | None) -> Non
             bar.update(1)
 
         result = run_calibrate(shape, tuple(chosen), threads, repeats, progress=step)
-    path = calibration.save(result)
     predicted = result.predict(shape)
     click.echo(f"{result.identity['cpu']}, {result.identity['threads']} threads, llama-cpp-python "
-               f"{result.identity['llama_cpp_python']}: {shape.name}'s layer shape")  # fmt: skip
-    click.echo(f"  {'quant':<8}{f'tok/s ({result.layers} layers)':>22}{f'predicted ({shape.layers} layers)':>26}")
+               f"{result.identity['llama_cpp_python']}: {shape.name}'s layer shape; {result.describe()}")  # fmt: skip
+    timed, scaled = f"tok/s ({result.layers} layers)", f"predicted ({shape.layers} layers)"
+    click.echo(f"  {'quant':<8}{timed:>22}{scaled:>26}{'spread':>8}")
     for q, tps in result.tokens_per_s.items():
-        click.echo(f"  {q:<8}{tps:>22.1f}{predicted[q]:>26.1f}")
-    click.echo(f"saved to {path}")
+        click.echo(f"  {q:<8}{tps:>22.1f}{predicted[q]:>26.1f}{result.spread[q]:>8.0%}")
+    if not result.steady() and not force:
+        worst = max(result.spread, key=result.spread.get)
+        raise UnsteadyTiming(
+            f"not cached: {worst}'s {repeats} repeats differ by {result.spread[worst]:.0%} (more than "
+            f"{calibration.MAX_SPREAD:.0%}) under a load average of {result.load_average:.1f}, so the machine was "
+            "busy and these speeds could rank the quants wrongly; run it again at a quieter moment (or more "
+            "--repeats), or pass --force to cache it anyway"
+        )
+    click.echo(f"saved to {calibration.save(result)}")
