@@ -5,6 +5,9 @@ the micro-batch, and a quantized matmul turns the last-bit difference into ~1e-4
 
 from __future__ import annotations
 
+import base64
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +63,34 @@ def test_gpu_layers_pack_unless_asked_otherwise(files) -> None:
         assert cpu.packed is False
     with Engine(files["minilm", "F16"], packed=True) as asked:
         assert asked.packed is True
+
+
+def test_the_server_gives_a_text_the_same_bits_under_16_concurrent_clients(files, tmp_path) -> None:
+    """16 clients at once, each sending the same text among others of its own: the server batches requests
+    together, and the text's vector is the bits it has alone, in every response (MiniLM Q8_0)."""
+    from tests.test_server import AUTH, KEY, serving
+
+    texts = [t.text for t in calibration_texts(probe_path())[:40]]
+    common = texts[1]  # a 40-token passage
+
+    def vectors(server, items: list[str]) -> np.ndarray:
+        r = server.post("/v1/embeddings", {"input": items, "encoding_format": "base64"}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        return np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in r.json()["data"]])
+
+    with serving(tmp_path, "-m", str(files["minilm", "Q8_0"]), "--api-key", KEY) as server:
+        alone = vectors(server, [common])[0]
+        start = threading.Barrier(16)
+
+        def client(i: int) -> np.ndarray:
+            mine = texts[2 + 2 * i : 4 + 2 * i]
+            start.wait()
+            return vectors(server, [mine[0], *[common] * (i % 2), mine[1], common])
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(client, range(16)))
+        batched = server.metric("embedrunner_batch_requests_sum") / server.metric("embedrunner_batch_requests_count")
+    assert batched > 1, "no engine call served more than one request: nothing tested"
+    for i, got in enumerate(answers):
+        for row in [1, 3] if i % 2 else [2]:
+            assert np.array_equal(got[row], alone), f"client {i}, row {row}"
