@@ -30,6 +30,8 @@ class Embedder:
     plan for (default: what the probe finds, 1 GiB kept back on every device) and PREFER what a CPU plan favours
     (fidelity | balanced | speed; see planner/policy.py).
     max_length: where inputs are cut (default: the model's, as `runner embed`).
+    packed: several texts per llama.cpp micro-batch, faster for short texts but batch-dependent (default: one
+    text per micro-batch on the CPU, so a text gets the same vector in any batch; see runner/engine.py).
     """
 
     def __init__(
@@ -40,13 +42,20 @@ class Embedder:
         max_length: int | None = None,
         hardware: HardwareOptions | None = None,
         prefer: str | None = None,
+        packed: bool | None = None,
     ) -> None:
         auto = quant is not None and quant.lower() == "auto"
         hardware = hardware or HardwareOptions()
         if prefer is not None:
             hardware = replace(hardware, prefer=prefer)
         self.pipeline: Pipeline = open_pipeline(
-            model, None if auto else quant, auto_quant=auto, max_length=max_length, threads=threads, hardware=hardware
+            model,
+            None if auto else quant,
+            auto_quant=auto,
+            max_length=max_length,
+            threads=threads,
+            hardware=hardware,
+            packed=packed,
         )
 
     @property

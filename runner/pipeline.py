@@ -369,6 +369,7 @@ def open_pipeline(
     on_plan: Callable[[Plan], None] | None = None,
     keep_f16: bool = True,
     progress: Progress | None = None,
+    packed: bool | None = None,
 ) -> Pipeline:
     """MODEL (quantize.reference.ModelRef: a GGUF file, a model directory, an HF checkpoint directory, a registry
     name or a hub repo id) loaded and ready.
@@ -376,7 +377,8 @@ def open_pipeline(
     AUTO_QUANT plans the quant and GPU layers for this machine (runner.model.plan_run: a pinned model keeps its
     quant; ON_PLAN sees the plan before any conversion starts) and claims the planned context up front, so a lack
     of memory shows (and is retried with fewer GPU layers) now rather than mid-run. runner.model.resolve_model
-    produces the GGUF if missing, after the disk check, and pins it (PROGRESS and KEEP_F16 are its).
+    produces the GGUF if missing, after the disk check, and pins it (PROGRESS and KEEP_F16 are its). PACKED: the
+    engine's micro-batches (runner.engine.Engine: None packs only with GPU layers).
     """
     if max_length is not None and max_length < 1:
         raise BadInput(f"--max-length {max_length}: must be at least 1")
@@ -390,7 +392,7 @@ def open_pipeline(
         gpu_layers, split = plan.chosen.n_gpu_layers, plan.tensor_split
     resolved = resolve_model(ref, quant, keep_f16, progress, plan)
     reserve = plan.settings.max_length if plan is not None else MIN_TOKEN_BUDGET
-    engine = open_engine(resolved.path, threads, gpu_layers, split, reserve)
+    engine = open_engine(resolved.path, threads, gpu_layers, split, reserve, packed)
     try:
         return Pipeline(engine, resolved, max_length, plan)
     except BaseException:

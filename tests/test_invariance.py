@@ -6,6 +6,7 @@ the micro-batch, and a quantized matmul turns the last-bit difference into ~1e-4
 from __future__ import annotations
 
 import base64
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,12 +58,22 @@ def test_a_vector_is_the_same_alone_and_in_any_batch(files, model: str, quant: s
     assert cos.min() > 0.999 and not np.array_equal(packed, alone), cos.min()
 
 
-def test_gpu_layers_pack_unless_asked_otherwise(files) -> None:
-    """Packing is the default only where GPU layers need wide batches; the CPU default is one text per micro-batch."""
-    with Engine(files["minilm", "F16"]) as cpu:
-        assert cpu.packed is False
-    with Engine(files["minilm", "F16"], packed=True) as asked:
-        assert asked.packed is True
+def test_packing_is_asked_for(files, tmp_path) -> None:
+    """The CPU default is one text per micro-batch; Embedder(packed=True) and `runner embed --packed` take the fast
+    path (which GPU layers take by default: they need wide batches)."""
+    from runner import Embedder
+
+    path = files["minilm", "Q8_0"]
+    with Embedder(str(path)) as default, Embedder(str(path), packed=True) as packed:
+        assert default.pipeline.engine.packed is False and packed.pipeline.engine.packed is True
+        texts = [t.text for t in calibration_texts(probe_path())[:12]]
+        alone = np.stack([default.encode(t) for t in texts])
+        assert np.array_equal(default.encode(texts), alone) and not np.array_equal(packed.encode(texts), alone)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
+    for flag in ("--packed", "--one-per-batch"):
+        run_cli("embed", "-m", str(path), "--input", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.npy"), flag)
+        got = np.load(tmp_path / "o.npy")
+        assert np.array_equal(got, alone) == (flag == "--one-per-batch")
 
 
 def test_the_server_gives_a_text_the_same_bits_under_16_concurrent_clients(files, tmp_path) -> None:

@@ -15,6 +15,7 @@ from runner.cli.options import (
     hardware_options,
     max_length_option,
     model_option,
+    packed_option,
     threads_option,
 )
 from runner.compact import PRECISIONS, RANGED
@@ -88,6 +89,7 @@ skip_empty_option = click.option(
 @max_length_option
 @click.option("--no-truncate", is_flag=True, help="An input over the max length is an error, not cut.")
 @threads_option
+@packed_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @field_option(EmbedOptions, "chunk_size", type=AT_LEAST_1, help="Texts per part written to disk, at most.")
 @field_option(
@@ -124,6 +126,7 @@ def embed(
     no_truncate: bool,
     max_length: int | None,
     threads: int | None,
+    packed: bool | None,
     quiet: bool,
     auto_quant: bool,
     keep_f16: bool,
@@ -174,6 +177,7 @@ def embed(
     with open_pipeline(
         model, quant, auto_quant=auto_quant, max_length=max_length, threads=threads,
         hardware=HardwareOptions(**hw_opts), on_plan=show_plan, keep_f16=keep_f16, progress=Progress.stderr(quiet),
+        packed=packed,
     ) as pipeline:  # fmt: skip
         run = run_embed(
             pipeline, items, output, fmt, options, resume=resume, ranges_file=ranges_file,

@@ -92,6 +92,17 @@ def threads_option(f: F) -> F:
     return click.option("--threads", type=AT_LEAST_1, help="Engine threads (default: physical cores).")(f)
 
 
+def packed_option(f: F) -> F:
+    """--packed/--one-per-batch: how the engine groups texts into micro-batches (runner.engine.Engine's packed)."""
+    return click.option(
+        "--packed/--one-per-batch",
+        default=None,
+        help="Several texts per llama.cpp micro-batch: faster for short texts, but a text's vector then depends on "
+        "what else it was embedded with (cosine >= 0.9998 to its vector alone at Q8_0 and below). Default: on the "
+        "CPU one text per micro-batch (the same bits in any batch), packed with GPU layers.",
+    )(f)
+
+
 def model_option(f: F) -> F:
     """-m/--model: what quantize.reference.ModelRef parses."""
     return click.option(

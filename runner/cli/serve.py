@@ -12,6 +12,7 @@ from runner.cli.options import (
     hardware_options,
     max_length_option,
     model_option,
+    packed_option,
     threads_option,
 )
 from runner.serve import Limits
@@ -57,6 +58,7 @@ from runner.serve import Limits
 @field_option(Limits, "shutdown_timeout", type=click.FloatRange(min=0))
 @max_length_option
 @threads_option
+@packed_option
 def serve(
     model: str,
     quant: str | None,
@@ -73,6 +75,7 @@ def serve(
     shutdown_timeout: float,
     max_length: int | None,
     threads: int | None,
+    packed: bool | None,
     **hw_opts,
 ) -> None:
     """Serve embeddings over HTTP: OpenAI's /v1/embeddings and Ollama's /api/embed, batched across clients."""
@@ -101,4 +104,5 @@ def serve(
         ),
         max_length=max_length,
         threads=threads,
+        packed=packed,
     )

@@ -48,9 +48,11 @@ def serve(
     limits: Limits | None = None,
     max_length: int | None = None,
     threads: int | None = None,
+    packed: bool | None = None,
 ) -> None:
     """Serve MODEL until SIGINT/SIGTERM: what `runner serve` runs. HARDWARE is what AUTO_QUANT plans for;
-    API_KEY, ALLOWED_HOSTS and CORS_ORIGINS say who may call (protocol.Access).
+    API_KEY, ALLOWED_HOSTS and CORS_ORIGINS say who may call (protocol.Access); PACKED: the engine's micro-batches
+    (runner.engine.Engine: None, the default, packs only with GPU layers).
 
     Raises what failed the model's load, or an EngineError when the engine thread died (every request it had
     admitted answered 500): the process should then exit non-zero, for a supervisor to restart it.
@@ -73,6 +75,7 @@ def serve(
             auto_quant=auto_quant,
             max_length=max_length,
             threads=threads,
+            packed=packed,
             hardware=hardware or HardwareOptions(),
             on_plan=lambda plan: log.info("%s", plan.summary()),
         )
