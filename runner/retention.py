@@ -37,7 +37,8 @@ PROBE = "probe.jsonl"  # shipped in runner/data/
 TOP_K = 10
 DEFAULT_SECONDS = 600.0  # `runner retention` without --limit: the probe is cut to fit this
 AUTO_SECONDS = 60.0  # when a quant is made: measured only if the whole probe fits this
-_STEP = 16  # texts per engine call; the first call is one text, to project the time early
+_STEP = 16  # texts per engine call, at most: calls of 1, 1, 2, 4 ... texts project the time early
+_TIMED = 2.0  # seconds of embedding (after the warm-up) a projection of the time is made from, at least
 
 
 def probe_path() -> Path:
@@ -117,10 +118,10 @@ def embed(
 ) -> np.ndarray:
     """TEXTS' unit vectors from the GGUF at PATH (queries with the model's query prompt), planned for this machine.
 
-    Texts go to the engine in steps of 1, 1, 2, 4 ... up to _STEP texts. The first step warms the engine up; after
-    each later one BUDGET(tokens, done, seconds) is asked how many texts to embed in all (TOKENS: each text's
-    token count; DONE texts so far; SECONDS the texts after the first took): fewer than len(TEXTS) stops there,
-    and it may raise OverBudget.
+    Texts go to the engine in steps of 1, 1, 2, 4 ... up to _STEP texts. The first step warms the engine up; once
+    the texts after it have taken _TIMED seconds, BUDGET(tokens, done, seconds) is asked after each step how many
+    texts to embed in all (TOKENS: each text's token count; DONE texts so far; SECONDS the texts after the first
+    took): fewer than len(TEXTS) stops there, and it may raise OverBudget.
     """
     from runner.pipeline import Stats, open_pipeline
 
@@ -141,8 +142,8 @@ def embed(
             out.extend(rows)
             if len(out) == 1:
                 started = clock()  # the first text warmed the engine up: the clock starts now
-            elif budget is not None:
-                total = min(total, max(len(out), budget(tokens, len(out), clock() - started)))
+            elif budget is not None and (spent := clock() - started) >= _TIMED:
+                total = min(total, max(len(out), budget(tokens, len(out), spent)))
             size = min(2 * size if len(out) > 1 else 1, _STEP)
         return np.stack(out)
 
