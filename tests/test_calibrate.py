@@ -133,6 +133,15 @@ HOSTILE = [
     ("Q9", "5"),
     ("tokens_per_s", "[]"),
     ("entry", '"x"'),
+    ("spread", '"x"'),
+    ("spread", '{"F16": -1}'),
+    ("spread", '{"Q9": 0.1}'),
+    ("measured_at", '"yesterday"'),
+    ("measured_at", '"2025-12-06T08:30:00"'),  # no offset: which time zone?
+    ("measured_at", "5"),
+    ("load_average", '"high"'),
+    ("load_average", "-1"),
+    ("load_average", "1e400"),
 ]
 
 
@@ -144,7 +153,7 @@ def hostile_cache(home, shape, threads: int, field: str, raw: str) -> None:
     (key,) = entries
     if field == "entry":
         entries[key] = "@"
-    elif field in ("layers", "tokens_per_s"):
+    elif field in ("layers", "tokens_per_s", "spread", "measured_at", "load_average"):
         entries[key][field] = "@"
     else:
         entries[key]["tokens_per_s"][field] = "@"
