@@ -65,7 +65,7 @@ def test_cut_then_renormalised(mrl, tmp_path, monkeypatch) -> None:
         ("all-minilm-l6-v2", "128", "was not trained for Matryoshka truncation"),
         ("minilm-mrl", "32", "gives 64 to 384 dimensions"),
         ("minilm-mrl", "385", "gives 64 to 384 dimensions"),
-        ("minilm-mrl", "0", "must be a whole number of at least 1"),
+        ("minilm-mrl", "0", "--dimensions 0 is not in the range x>=1"),  # click.IntRange, one line
     ],
 )
 def test_refused_in_one_line(mrl, model: str, dimensions: str, message: str, tmp_path) -> None:
