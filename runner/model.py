@@ -18,6 +18,7 @@ from pathlib import Path
 import gguf
 
 from planner import HardwareOptions, disk, plan_for
+from planner.hardware import NO_OFFLOAD
 from planner.policy import Plan
 from quantize import gguf_keys
 from quantize.convert import convert, made_from, output_path
@@ -163,7 +164,10 @@ def plan_run(
         f"--quant {other} moves the pin"
     )
     kept = plan_for(ref, held["quant"], max_length, hardware)
-    return replace(kept, reason=f"the pinned quant (the plan picks {other}; --quant {other} moves the pin)")
+    reason = f"the pinned quant (the plan picks {other}; --quant {other} moves the pin)"
+    if NO_OFFLOAD in kept.reason:  # a CPU-only build: the way to a GPU plan still shows
+        reason += f"; {NO_OFFLOAD}"
+    return replace(kept, reason=reason)
 
 
 def resolve_model(

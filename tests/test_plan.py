@@ -135,6 +135,18 @@ def test_plan_says_when_this_build_cannot_offload() -> None:
     assert "on cpu" in chosen and 'CMAKE_ARGS="-DGGML_CUDA=on" scripts/install' in chosen, out
 
 
+def test_a_pinned_plan_still_says_how_to_rebuild(tmp_path) -> None:
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama.cpp build can offload")
+    env = {"EMBEDRUNNER_HOME": str(tmp_path)}
+    run_cli("embed", "-m", "all-minilm-l6-v2", "--quant", "Q8_0", "a pin", "-q", env=env)
+    out = run_cli("plan", "-m", "all-minilm-l6-v2", "--vram", "12GiB", env=env).stdout
+    (chosen,) = [line for line in out.splitlines() if line.startswith("chosen:")]
+    assert "pinned" in chosen and 'CMAKE_ARGS="-DGGML_CUDA=on" scripts/install' in chosen, out
+
+
 def test_plan_json() -> None:
     out = run_cli("plan", "-m", "llama-embed-nemotron-8b", "--cpu", "--ram", "32GiB", "--json").stdout
     doc = json.loads(out)
