@@ -143,11 +143,13 @@ def plan_run(
     max_length: int | None = None,
     hardware: HardwareOptions | None = None,
     progress: Progress = SILENT,
+    for_run: bool = True,
 ) -> Plan:
     """--auto-quant's plan for MODEL: QUANT's placement when asked for; else, for a pinned model, the pinned
     quant's placement; else the planner's choice (which the run then pins). When the planner would now pick
     another quant than the pin (after a calibration, on another machine), PROGRESS says so and how to move the
-    pin, and the plan's reason names the pin."""
+    pin, and the plan's reason names the pin. A pin to a type the planner does not size (F32, an i-quant) is
+    refused FOR_RUN; `runner plan` (not for_run) shows the planner's table with a reason naming the pin."""
     ref = ModelRef.parse(model)
     planned = plan_for(ref, quant, max_length, hardware)
     held = pin_of(ref) if quant is None else None
@@ -155,6 +157,12 @@ def plan_run(
         return planned
     other = planned.chosen.quant
     if held["quant"] not in FIDELITY:
+        if not for_run:
+            return replace(
+                planned,
+                reason=f"{planned.reason}; but runs use the pinned {held['quant']} ({held['file']}), a type the "
+                f"planner does not size: --quant {other} moves the pin",
+            )
         raise BadInput(
             f"{ref}: pinned to {held['quant']} ({held['file']}), a type the planner does not size; run without "
             f"--auto-quant to use it, or --quant {other} to move the pin to what the plan picks"

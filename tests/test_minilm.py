@@ -21,8 +21,10 @@ def st_reference():
 
 
 @pytest.mark.parametrize("quant", ["F16", "F32"])
-def test_minilm_matches_sentence_transformers(st_reference, quant: str, tmp_path) -> None:
+def test_minilm_matches_sentence_transformers(st_reference, quant: str, tmp_path, monkeypatch) -> None:
     if quant == "F32":
+        # Its own models home: --quant F32 pins F32, which would then be every later test's all-minilm-l6-v2.
+        monkeypatch.setenv("EMBEDRUNNER_HOME", str(tmp_path / "home"))
         run_cli("convert", "all-minilm-l6-v2", "--outtype", "f32")
     got = embed_file("all-minilm-l6-v2", DATA / "embedding_texts.jsonl", tmp_path / "o.npy", "--quant", quant)
     cos = cosines(got, st_reference)

@@ -112,3 +112,7 @@ def test_auto_quant_on_a_pin_the_planner_cannot_size_is_one_line(monkeypatch) ->
     with pytest.raises(BadInput, match=r"^all-minilm-l6-v2: pinned to F32 \(m-F32.gguf\), a type the planner does "
                        r"not size; run without --auto-quant to use it, or --quant F16 to move the pin"):  # fmt: skip
         model.plan_run(MINILM, hardware=HardwareOptions(cpu=True, ram="16GiB"))
+    shown = model.plan_run(MINILM, hardware=HardwareOptions(cpu=True, ram="16GiB"), for_run=False)  # runner plan
+    assert "runs use the pinned F32 (m-F32.gguf), a type the planner does not size: --quant F16 moves the pin" in (
+        shown.reason
+    ), shown.reason

@@ -125,12 +125,13 @@ def test_a_build_that_cannot_offload_plans_the_cpu_and_says_how_to_rebuild() -> 
     assert plan(shape, gpu_build, 4096).device == "gpu"
 
 
-def test_plan_says_when_this_build_cannot_offload() -> None:
+def test_plan_says_when_this_build_cannot_offload(tmp_path) -> None:
     import llama_cpp
 
     if llama_cpp.llama_supports_gpu_offload():
         pytest.skip("this llama.cpp build can offload")
-    out = run_cli("plan", "-m", "all-minilm-l6-v2", "--vram", "12GiB").stdout
+    # Its own models home: a pin another test leaves in the shared one changes the chosen line.
+    out = run_cli("plan", "-m", "all-minilm-l6-v2", "--vram", "12GiB", env={"EMBEDRUNNER_HOME": str(tmp_path)}).stdout
     (chosen,) = [line for line in out.splitlines() if line.startswith("chosen:")]
     assert "on cpu" in chosen and 'CMAKE_ARGS="-DGGML_CUDA=on" scripts/install' in chosen, out
 

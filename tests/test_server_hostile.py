@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -246,9 +247,12 @@ class FakePipeline:
     """Tokens = the text's bytes; vectors = [length, 1]; "panic" raises Panic; "slow" takes a while."""
 
     def __init__(self) -> None:
-        from runner.model import ResolvedModel
+        from runner.model import Prompts, ResolvedModel
 
-        self.model = ResolvedModel.of_file(Path("/srv/secret/fake-F16.gguf"))
+        # An empty file: the server lists its size and time, and never shows its path to a client.
+        path = Path(tempfile.mkdtemp(prefix="secret-")) / "fake-F16.gguf"
+        path.touch()
+        self.model = ResolvedModel(path, Prompts.plain(), None, None, "fake", "F16", "mean")
         self.embedded: list[list[bytes]] = []
         self.started = threading.Event()
 

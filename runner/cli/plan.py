@@ -35,7 +35,7 @@ def plan_cmd(
     from runner.model import pin_of, plan_run
 
     ref = ModelRef.parse(model)
-    p = plan_run(ref, quant, max_length, HardwareOptions(**hw_opts))
+    p = plan_run(ref, quant, max_length, HardwareOptions(**hw_opts), for_run=False)
     held = pin_of(ref)
     file = _planned_file(p, ref)
     estimate = input_estimate(p, input_file, file) if input_file else None

@@ -174,11 +174,13 @@ class Batcher:
     def _run(self) -> None:
         try:
             self.pipeline = self._load()
+            self._on_loaded(self.pipeline)  # before `ready`: a request that sees ready finds the model's names set
         except BaseException as e:  # reported to the server, which exits with it
             self.load_error = e
             self._on_failed(e)
+            if self.pipeline is not None:
+                self.pipeline.close()
             return
-        self._on_loaded(self.pipeline)  # before `ready`: a request that sees ready finds the model's names set
         self.ready.set()
         try:
             self._loop()
