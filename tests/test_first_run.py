@@ -211,7 +211,9 @@ def test_progress_on_a_terminal_and_not_in_a_pipe(ckpt, tmp_path) -> None:
     piped = run_cli("quantize", str(tmp_path / "pipe" / "ckpt-F16.gguf"), "--quant", "Q8_0", env=env)
     # One summary line, then the quant's retention (measured at once when, as here, it takes seconds).
     summary, retention = piped.stderr.splitlines()
-    assert summary.startswith("quantize: ckpt-Q8_0.gguf,") and retention.startswith("retention ckpt-Q8_0.gguf: mean cosine")
+    assert summary.startswith("quantize: ckpt-Q8_0.gguf,") and retention.startswith(
+        "retention ckpt-Q8_0.gguf: mean cosine"
+    )
     rc, screen = on_terminal("quantize", str(f16), "--quant", "Q4_K_M", "-q", env=env)
     assert rc == 0 and screen == ""
 

@@ -70,9 +70,7 @@ def require(config: dict, key: str, where: str):
     return config[key]
 
 
-def integer(
-    config: dict, key: str, where: str, lo: int, hi: int, default: int | None = None, section: str = ""
-) -> int:
+def integer(config: dict, key: str, where: str, lo: int, hi: int, default: int | None = None, section: str = "") -> int:
     """config[KEY] as a whole number from LO to HI (DEFAULT when absent or null; required when DEFAULT is None),
     else a one-line error naming config.json, the key (inside SECTION, e.g. "rope_scaling.") and the range."""
     value = config.get(key)
