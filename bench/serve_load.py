@@ -1,13 +1,16 @@
 """A bounded load test of `runner serve` on loopback, against offline embedding of the same texts.
 
-    python -m bench.serve_load [-m all-minilm-l6-v2] [--clients 64] [--max-texts 1024] [--budget 100]
+    python -m bench.serve_load [-m all-minilm-l6-v2] [--clients 64] [--request-texts 1-8] [--max-texts 1024]
+        [--budget 100]
 
 Runs over the same `tests.corpus` texts (seed 0), one after the other on the same machine:
 1. offline: `runner embed`'s pipeline in this process (`open_pipeline(...).embed(texts)`), the ceiling;
    measured before the server starts and again after it stops, so a machine whose load drifts (other jobs
    on shared cores) is averaged out;
-2. CLIENTS concurrent clients sending requests of 1-8 texts (sizes seeded) to /v1/embeddings, base64 (what
-   the official `openai` client asks for by default), each sending its next request when its last returns;
+2. CLIENTS concurrent clients sending requests of REQUEST_TEXTS texts (1-8 by default, sizes seeded) to
+   /v1/embeddings, base64 (what the official `openai` client asks for by default), each sending its next
+   request when its last returns, over keep-alive connections (RawHttp: a lean client, since it shares the
+   cores with the server it measures);
 3. one sequential client sending one text per request.
 The four timed runs share BUDGET seconds (less 15 for start-up): the number of texts is calibrated on the
 offline speed so that one run takes a quarter of that (capped at MAX_TEXTS), and the sequential client stops
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import json
 import os
 import random
 import re
@@ -66,15 +70,66 @@ class Run:
         )
 
 
-def split_requests(n_texts: int, seed: int = 1) -> list[tuple[int, int]]:
-    """(start, stop) slices of 1-8 texts covering 0..N_TEXTS."""
+def split_requests(n_texts: int, seed: int = 1, sizes: tuple[int, int] = (1, 8)) -> list[tuple[int, int]]:
+    """(start, stop) slices of SIZES[0]-SIZES[1] texts (seeded) covering 0..N_TEXTS."""
     rng = random.Random(seed)
     out, start = [], 0
     while start < n_texts:
-        stop = min(n_texts, start + rng.randint(1, 8))
+        stop = min(n_texts, start + rng.randint(*sizes))
         out.append((start, stop))
         start = stop
     return out
+
+
+def request_sizes(spec: str) -> tuple[int, int]:
+    """'1-8' -> (1, 8); '32' -> (32, 32)."""
+    low, _, high = spec.partition("-")
+    try:
+        sizes = int(low), int(high or low)
+    except ValueError:
+        sizes = 0, 0
+    if not 1 <= sizes[0] <= sizes[1]:
+        raise SystemExit(f"--request-texts {spec!r}: give N or LOW-HIGH texts per request, e.g. 1, 32 or 1-8")
+    return sizes
+
+
+class RawHttp:
+    """One keep-alive HTTP/1.1 connection over asyncio streams: POST a prepared body, read the answer.
+
+    The load generator shares the machine's cores with the server it measures, so it should cost little:
+    this costs about a tenth of what an `httpx.AsyncClient` request does (no request model, no header
+    objects), and sends the same bytes a JSON client does. Answers must carry Content-Length (uvicorn's do).
+    """
+
+    def __init__(self, url: str) -> None:
+        host, _, port = url.removeprefix("http://").rstrip("/").rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        try:
+            self.writer.write(head.encode() + body)
+            status_line, *headers = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            fields = dict(h.lower().split(": ", 1) for h in headers if ": " in h)
+            content = await self.reader.readexactly(int(fields["content-length"]))
+        except (OSError, asyncio.IncompleteReadError, KeyError, ValueError):
+            await self.close()
+            raise
+        if fields.get("connection") == "close":
+            await self.close()
+        return int(status_line.split()[1]), content
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
 
 
 def offline(pipe, texts: list[str]) -> tuple[Run, np.ndarray]:
@@ -112,61 +167,61 @@ class Server:
         return self.proc.wait(120)
 
 
-async def concurrent(url: str, texts: list[str], clients: int, seconds: float, dims: int) -> tuple[Run, np.ndarray]:
-    import httpx
+def decode_embeddings(content: bytes) -> list[tuple[int, np.ndarray]]:
+    """(index, vector) of each item of an OpenAI embeddings answer, base64 or a list of floats."""
+    out = []
+    for d in json.loads(content)["data"]:
+        e = d["embedding"]
+        out.append((d["index"], np.frombuffer(base64.b64decode(e), "<f4") if isinstance(e, str) else np.asarray(e)))
+    return out
 
-    slices = split_requests(len(texts))
-    run = Run(f"{clients} concurrent clients, 1-8 texts/request")
+
+async def load(
+    url: str,
+    name: str,
+    texts: list[str],
+    slices: list[tuple[int, int]],
+    clients: int,
+    seconds: float,
+    dims: int,
+    body: dict | None = None,
+) -> tuple[Run, np.ndarray]:
+    """CLIENTS connections sending the requests of SLICES (OpenAI /v1/embeddings, base64 asked for; BODY: more
+    fields), each its next request when its last returns, until all are sent or SECONDS have passed. Returns the
+    run and the vectors received (NaN rows: not sent or failed). A one-text request sends `input` as a string."""
+    run = Run(name)
     vectors = np.full((len(texts), dims), np.nan, np.float32)
     queue = iter(slices)
     deadline = time.perf_counter() + seconds
 
-    async def client(http: httpx.AsyncClient) -> None:
-        for start, stop in queue:
-            if time.perf_counter() > deadline:
-                return
-            t = time.perf_counter()
-            try:
-                r = await http.post(
-                    "/v1/embeddings", json={"input": texts[start:stop], "encoding_format": "base64"}, timeout=300
-                )
-                ok = r.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            run.latencies.append(time.perf_counter() - t)
-            if not ok:
-                run.errors += 1
-                continue
-            for d in r.json()["data"]:
-                vectors[start + d["index"]] = np.frombuffer(base64.b64decode(d["embedding"]), "<f4")
-            run.texts += stop - start
+    async def client() -> None:
+        http = RawHttp(url)
+        try:
+            for start, stop in queue:
+                if time.perf_counter() > deadline:
+                    return
+                data = texts[start] if stop - start == 1 else texts[start:stop]
+                payload = json.dumps({"input": data, "encoding_format": "base64", **(body or {})}).encode()
+                t = time.perf_counter()
+                try:
+                    status, content = await asyncio.wait_for(http.post("/v1/embeddings", payload), 300)
+                    rows = decode_embeddings(content) if status == 200 else None
+                except (TimeoutError, OSError, asyncio.IncompleteReadError, KeyError, ValueError):
+                    rows = None
+                run.latencies.append(time.perf_counter() - t)
+                if rows is None or len(rows) != stop - start:
+                    run.errors += 1
+                    continue
+                for index, vector in rows:
+                    vectors[start + index] = vector[:dims] if len(vector) >= dims else np.nan
+                run.texts += stop - start
+        finally:
+            await http.close()
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits) as http:
-        started = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-        run.seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    run.seconds = time.perf_counter() - started
     return run, vectors
-
-
-def sequential(url: str, texts: list[str], seconds: float) -> Run:
-    import httpx
-
-    run = Run("1 sequential client, 1 text/request")
-    with httpx.Client(base_url=url) as http:
-        started = time.perf_counter()
-        for text in texts:
-            if time.perf_counter() - started > seconds:
-                break
-            t = time.perf_counter()
-            r = http.post("/v1/embeddings", json={"input": text, "encoding_format": "base64"}, timeout=300)
-            run.latencies.append(time.perf_counter() - t)
-            if r.status_code == 200:
-                run.texts += 1
-            else:
-                run.errors += 1
-        run.seconds = time.perf_counter() - started
-    return run
 
 
 def main() -> None:
@@ -175,11 +230,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", default="all-minilm-l6-v2")
     ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--request-texts", default="1-8", help="Texts per request: N, or LOW-HIGH (seeded sizes).")
     ap.add_argument("--max-texts", type=int, default=1024)
     ap.add_argument("--budget", type=float, default=100.0, help="About how many seconds the whole run may take.")
     ap.add_argument("--threads", type=int, help="Engine threads, offline and served (default: physical cores).")
     ap.add_argument("--server-args", default="", help="More `runner serve` options, e.g. '--max-batch-tokens 8192'.")
     args = ap.parse_args()
+    sizes = request_sizes(args.request_texts)
 
     # Four timed runs share the budget (offline twice, concurrent, sequential) after start-up and warm-up.
     phase = (args.budget - 15) / 4
@@ -189,13 +246,15 @@ def main() -> None:
         pipe.embed(pool[-32:-24])  # warm-up: the first decode allocates
         calibration, _ = offline(pipe, pool[-24:])
         # Every client gets at least one request, even if that overshoots the budget on a slow machine.
-        slices = split_requests(args.max_texts)
+        slices = split_requests(args.max_texts, sizes=sizes)
         floor = slices[min(args.clients, len(slices)) - 1][1]
         n = max(floor, min(args.max_texts, int(calibration.texts / calibration.seconds * phase)))
         texts = pool[:n]
+        slices = split_requests(n, sizes=sizes)
         log(f"offline: {n} texts (calibrated: {calibration.texts / calibration.seconds:.1f} texts/s)")
         off1, reference = offline(pipe, texts)
     extra = shlex.split(args.server_args) + (["--threads", str(args.threads)] if args.threads else [])
+    per = args.request_texts if sizes[0] != sizes[1] else str(sizes[0])
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(args.model, extra, Path(tmp) / "server.log")
         try:
@@ -204,9 +263,22 @@ def main() -> None:
 
             httpx.post(server.url + "/v1/embeddings", json={"input": pool[-32:-24]}, timeout=300)  # warm-up
             log(f"{args.clients} concurrent clients")
-            conc, served = asyncio.run(concurrent(server.url, texts, args.clients, 3 * phase, reference.shape[1]))
+            conc, served = asyncio.run(
+                load(
+                    server.url,
+                    f"{args.clients} concurrent clients, {per} text(s)/request",
+                    texts,
+                    slices,
+                    args.clients,
+                    3 * phase,
+                    reference.shape[1],
+                )
+            )
             log("sequential client")
-            seq = sequential(server.url, texts, phase)
+            ones = [(i, i + 1) for i in range(n)]
+            seq, _ = asyncio.run(
+                load(server.url, "1 sequential client, 1 text/request", texts, ones, 1, phase, reference.shape[1])
+            )
             rss_end = server.rss_mib()
         finally:
             rc = server.stop()

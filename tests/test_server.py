@@ -504,3 +504,46 @@ def test_batcher_batches_requests_and_fails_bad_ones_alone() -> None:
         time.sleep(0.01)
     blocker.submit(Job(texts=["c"])).result(10)  # room again once answered
     blocker.stop()
+
+
+def test_requests_are_tokenized_off_the_engine_thread_while_it_embeds() -> None:
+    """The engine thread runs engine calls only: a request that arrives during one is tokenized meanwhile, by
+    the tokenizer thread, and its vectors are still its own."""
+    pipe = FakePipeline()
+    where: list[tuple[str, str]] = []
+    tokenize, vectors = pipe.tokenize, pipe.vectors
+
+    def tokenize_where(texts, **options):
+        where.append(("tokenize " + texts[0], threading.current_thread().name))
+        return tokenize(texts, **options)
+
+    def vectors_where(tok, **options):
+        where.append(("embed", threading.current_thread().name))
+        out = vectors(tok, **options)
+        where.append(("embedded", threading.current_thread().name))
+        return out
+
+    pipe.tokenize, pipe.vectors = tokenize_where, vectors_where
+    batcher = Batcher(lambda: pipe, max_batch_tokens=1000, max_queue=100)
+    batcher.start()
+    assert batcher.ready.wait(10)
+    first = batcher.submit(Job(texts=["first"]))
+    while ("embed", "engine") not in where:
+        time.sleep(0.001)
+    second = batcher.submit(Job(texts=["second"]))
+    assert first.result(10).vectors.tolist() == [[ord("f"), 5]]
+    assert second.result(10).vectors.tolist() == [[ord("s"), 6]]
+    batcher.stop()
+    assert {name for step, name in where if step.startswith("tokenize")} == {"tokenizer"}, where
+    assert {name for step, name in where if step.startswith("embed")} == {"engine"}, where
+    assert where.index(("tokenize second", "tokenizer")) < where.index(("embedded", "engine")), where
+
+
+def test_load_bench_request_sizes() -> None:
+    from bench.serve_load import request_sizes, split_requests
+
+    assert request_sizes("1-8") == (1, 8) and request_sizes("32") == (32, 32)
+    with pytest.raises(SystemExit, match="--request-texts '0'"):
+        request_sizes("0")
+    assert split_requests(100, sizes=(32, 32)) == [(0, 32), (32, 64), (64, 96), (96, 100)]
+    assert {b - a for a, b in split_requests(500)} == set(range(1, 9))

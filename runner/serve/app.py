@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -51,6 +51,7 @@ from runner.serve.protocol import (
 )
 
 log = logging.getLogger("runner.serve")
+NO_BODY = "the server is stopping and the request body had not arrived; retry"
 
 
 class Served:
@@ -92,7 +93,13 @@ def refuse_new_bodies(app: FastAPI) -> None:
     half a body and stalled would hold the stop forever). Safe from a signal handler."""
     loop = getattr(app.state, "loop", None)
     if loop is not None:
-        loop.call_soon_threadsafe(app.state.stopping.set)
+        loop.call_soon_threadsafe(_refuse, app)
+
+
+def _refuse(app: FastAPI) -> None:
+    app.state.stopping.set()
+    for task in list(app.state.reading):
+        task.cancel()  # read_body answers it 503
 
 
 def create_app(batcher: Batcher, served: Served, metrics: Metrics, limits: Limits, access: Access) -> FastAPI:
@@ -108,6 +115,9 @@ def create_app(batcher: Batcher, served: Served, metrics: Metrics, limits: Limit
 
     app = FastAPI(title="runner serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.stopping = asyncio.Event()
+    # The request tasks now waiting for their bodies, for a stop to cancel: no task of its own per request
+    # (a body's wait costs no more than the body).
+    app.state.reading = set()
     if access.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -123,12 +133,24 @@ def create_app(batcher: Batcher, served: Served, metrics: Metrics, limits: Limit
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
             raise too_big
+        if app.state.stopping.is_set():
+            raise Unavailable(NO_BODY)
+        task = asyncio.current_task()
+        app.state.reading.add(task)
         chunks, size = [], 0
-        async for chunk in until_stopping(request.stream(), app.state.stopping):
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_big
+                chunks.append(chunk)
+        except asyncio.CancelledError:
+            if not app.state.stopping.is_set():
+                raise
+            task.uncancel()  # ours, from _refuse: answered, not propagated
+            raise Unavailable(NO_BODY) from None
+        finally:
+            app.state.reading.discard(task)
         return b"".join(chunks)
 
     async def answer(
@@ -196,24 +218,7 @@ def create_app(batcher: Batcher, served: Served, metrics: Metrics, limits: Limit
         batcher.check_ready()
         return json_response(200, {"models": [served.ollama_entry]})
 
-    @app.post("/v1/embeddings")
-    async def _v1_embeddings(request: Request) -> Response:
-        return await answer(request, "/v1/embeddings", openai_embeddings)
-
-    @app.post("/api/embed")
-    async def _api_embed(request: Request) -> Response:
-        return await answer(request, "/api/embed", ollama_embed, ollama=True)
-
-    @app.get("/v1/models")
-    async def _v1_models(request: Request) -> Response:
-        return await answer(request, "/v1/models", list_models)
-
-    @app.get("/api/tags")
-    async def _api_tags(request: Request) -> Response:
-        return await answer(request, "/api/tags", ollama_tags, ollama=True)
-
-    @app.get("/health")
-    async def _health() -> Response:
+    async def health(request: Request) -> Response:
         # Open without a key, for load balancers and container health checks.
         state = batcher.state
         if state == "ready":
@@ -221,10 +226,24 @@ def create_app(batcher: Batcher, served: Served, metrics: Metrics, limits: Limit
         retry = {"Retry-After": str(RETRY_AFTER_S)} if state == "loading" else None
         return json_response(503, {"status": state}, retry)
 
-    @app.get("/metrics")
-    async def _metrics() -> Response:
+    async def metrics_page(request: Request) -> Response:
         content, media_type = metrics.text()
         return Response(content, media_type=media_type)
+
+    def route(path: str, method: str, handle: Callable[[Request], Awaitable[Response]], ollama: bool = False) -> None:
+        async def endpoint(request: Request) -> Response:
+            return await answer(request, path, handle, ollama)
+
+        # Starlette's plain route: the request straight to ENDPOINT, without FastAPI's per-request parameter
+        # and dependency machinery (nothing here is declared through it).
+        app.add_route(path, endpoint, methods=[method], include_in_schema=False)
+
+    route("/v1/embeddings", "POST", openai_embeddings)
+    route("/api/embed", "POST", ollama_embed, ollama=True)
+    route("/v1/models", "GET", list_models)
+    route("/api/tags", "GET", ollama_tags, ollama=True)
+    app.add_route("/health", health, methods=["GET"], include_in_schema=False)
+    app.add_route("/metrics", metrics_page, methods=["GET"], include_in_schema=False)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -254,41 +273,21 @@ class CallerCheck:
         await self.app(scope, receive, send)
 
 
-async def until_stopping(chunks: AsyncIterator[bytes], stopping: asyncio.Event) -> AsyncIterator[bytes]:
-    """CHUNKS as they arrive, until STOPPING is set: then an Unavailable, rather than a wait with no end."""
-    stop = asyncio.ensure_future(stopping.wait())
-    try:
-        while True:
-            chunk = asyncio.ensure_future(anext(chunks))
-            await asyncio.wait({chunk, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if not chunk.done():
-                chunk.cancel()
-                raise Unavailable("the server is stopping and the request body had not arrived; retry")
-            try:
-                data = chunk.result()
-            except StopAsyncIteration:
-                return
-            yield data
-    finally:
-        stop.cancel()
-
-
 async def unless_hung_up(request: Request, future: Future) -> Result:
     """The engine's answer to FUTURE; a ClientGone once the client has hung up, and then the job is cancelled:
     the engine drops it unless its call has already started (so too when a stop runs out of time)."""
-    answer = asyncio.wrap_future(future)
+    answer = asyncio.wrap_future(future)  # cancelling it cancels FUTURE too (asyncio.wrap_future chains it)
     gone = asyncio.ensure_future(_hung_up(request))
+    gone.add_done_callback(lambda _: answer.cancel())  # nothing once answered
     try:
-        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        return await answer
     except asyncio.CancelledError:
-        # A stop ran out of Limits.shutdown_timeout: an answer the client can act on, not a broken connection.
-        raise Unavailable("the server stopped before this request was embedded; retry") from None
+        if asyncio.current_task().cancelling():
+            # A stop ran out of Limits.shutdown_timeout: an answer the client can act on, not a broken connection.
+            raise Unavailable("the server stopped before this request was embedded; retry") from None
+        raise ClientGone("the client hung up before its answer") from None
     finally:
         gone.cancel()
-        answer.cancel()  # nothing if answered; else cancels FUTURE too (asyncio.wrap_future chains it)
-    if answer.cancelled():
-        raise ClientGone("the client hung up before its answer")
-    return answer.result()
 
 
 async def _hung_up(request: Request) -> None:

@@ -1,11 +1,14 @@
 """Cross-request batching for `runner serve`: one engine thread, many requests, one engine call per batch.
 
-llama.cpp is not thread-safe, so one worker thread owns the pipeline: it loads the model, tokenizes every
-request (each on its own, so one bad request fails alone) and packs the tokens of all waiting requests into
-one `Pipeline.vectors` call of at most `max_batch_tokens`, then hands each request its rows. Requests that
-arrive while the engine is busy wait and go together into the next call: 64 clients sending one text each
-cost about what one client sending 64 does. A request's future stays cancellable until its engine call
-starts, so the work of a client that hung up is dropped, not embedded.
+llama.cpp's contexts are not thread-safe, so one worker thread, the engine thread, owns the pipeline: it loads
+the model and packs the tokens of all waiting requests into one `Pipeline.vectors` call of at most
+`max_batch_tokens`, then hands each request its rows. A second thread, the tokenizer, tokenizes every request
+as it arrives (each on its own, so one bad request fails alone), while the engine embeds the ones before it:
+the engine thread runs engine calls and little else (tokenizing reads the vocabulary only; llama.cpp's own
+server tokenizes in its HTTP threads too). Requests that arrive while the engine is busy wait and go together
+into the next call: 64 clients sending one text each cost about what one client sending 64 does. A request's
+future stays cancellable until its engine call starts, so the work of a client that hung up is dropped, not
+embedded.
 
 No HTTP here: the server maps what this raises to statuses (runner.serve.protocol.STATUS).
 """
@@ -87,9 +90,10 @@ class Batcher:
     """The engine worker. `submit` from any thread; the worker thread does everything that touches llama.cpp.
 
     LOAD opens the pipeline (in the worker thread, which then owns it). ON_LOADED(pipeline) says it is ready;
-    ON_FAILED(exception) that it failed to load, or that the engine thread died later (anything it raised,
-    BaseException included: a panic in the tokenizer's Rust code is one) — then every request admitted gets
-    an EngineError and the server should exit. ON_BATCH(BatchEvent) reports each engine call.
+    ON_FAILED(exception) that it failed to load, or that the engine or the tokenizer thread died later (anything
+    it raised, BaseException included: a panic in the tokenizer's Rust code is one) — then every request
+    admitted and not in an engine call gets an EngineError, and the server should exit. ON_BATCH(BatchEvent)
+    reports each engine call.
     """
 
     def __init__(
@@ -111,10 +115,13 @@ class Batcher:
         self.crash: BaseException | None = None  # what killed the engine thread after loading
         self.ready = threading.Event()
         self._cond = threading.Condition()
-        self._waiting: list[Job] = []
+        self._waiting: list[Job] = []  # submitted, for the tokenizer thread
+        self._tokenized: deque = deque()  # (job, Tokenized) in arrival order, for the engine thread
+        self._tokenizing = False  # the tokenizer thread holds jobs taken from _waiting
         self._admitted: set[Future] = set()  # accepted and not yet answered: what --max-queue bounds
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._tokenizer = threading.Thread(target=self._tokenize_loop, name="tokenizer", daemon=True)
 
     # --- any thread ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -154,7 +161,7 @@ class Batcher:
                 raise QueueFull(f"{len(self._admitted)} requests in flight, the limit of --max-queue {self.max_queue}")
             self._admitted.add(job.future)
             self._waiting.append(job)
-            self._cond.notify()
+            self._cond.notify_all()  # the tokenizer thread; the engine thread, waiting too, goes back to sleep
         job.future.add_done_callback(self._release)
         return job.future
 
@@ -166,7 +173,7 @@ class Batcher:
         """Finish what was submitted, then close the pipeline. A worker still loading is left behind."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
+            self._cond.notify_all()
         if self.ready.is_set():
             self._thread.join(timeout)
 
@@ -181,49 +188,89 @@ class Batcher:
             if self.pipeline is not None:
                 self.pipeline.close()
             return
+        self._tokenizer.start()
         self.ready.set()
         try:
             self._loop()
         except BaseException as e:  # the engine thread is dying: nobody would ever answer what is admitted
             self._fail_all(e)
         finally:
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            self._tokenizer.join()  # it reads the pipeline's vocabulary: not closed under it
             self.pipeline.close()
 
     def _fail_all(self, cause: BaseException) -> None:
-        self.crash = cause
-        self.ready.clear()
+        """A worker thread is dying: fail every request admitted, less those in an engine call running now
+        (that call still answers them), and tell the server."""
         with self._cond:
+            if self.crash is not None:
+                return
+            self.crash = cause
+            self.ready.clear()
             self._stopping = True
             self._waiting = []
-            admitted = list(self._admitted)
+            self._tokenized.clear()
+            admitted = [f for f in self._admitted if not f.running() or threading.current_thread() is self._thread]
+            self._cond.notify_all()
         why = (str(cause).splitlines() or [""])[0][:200]
         error = EngineError(f"the engine stopped ({type(cause).__name__}: {why}); the server is exiting")
         for future in admitted:
             _settle(future.set_exception, error)
         self._on_failed(cause)
 
+    def _tokenize_loop(self) -> None:
+        """The tokenizer thread: each submitted request's tokens, in arrival order, onto the engine's queue."""
+        try:
+            while True:
+                with self._cond:
+                    while not self._waiting and not self._stopping:
+                        self._cond.wait()
+                    if not self._waiting:
+                        return  # stopping, and all that was submitted is tokenized
+                    arrived, self._waiting = self._waiting, []
+                    self._tokenizing = True
+                done = []
+                for job in arrived:
+                    if job.future.cancelled():
+                        continue  # the client went away before its turn
+                    try:
+                        done.append((job, self._tokenize(job)))
+                    except Exception as e:  # BadInput: this request's 400; the others go on
+                        _settle(job.future.set_exception, e)
+                with self._cond:
+                    self._tokenizing = False
+                    if self.crash is None:
+                        self._tokenized.extend(done)
+                    self._cond.notify_all()
+        except BaseException as e:  # a panic in the tokenizer: nobody would ever tokenize what is admitted
+            with self._cond:
+                self._tokenizing = False
+            self._fail_all(e)
+
     def _loop(self) -> None:
-        tokenized: deque = deque()  # (job, Tokenized) in arrival order, waiting for an engine call
+        tokenized = self._tokenized
         while True:
             with self._cond:
-                while not self._waiting and not tokenized and not self._stopping:
+                while not tokenized and not (self._stopping and not self._waiting and not self._tokenizing):
                     self._cond.wait()
-                if self._stopping and not self._waiting and not tokenized:
+                if self.crash is not None:
                     return
-                arrived, self._waiting = self._waiting, []
-            for job in arrived:
-                if job.future.cancelled():
-                    continue  # the client went away before its turn
-                try:
-                    tokenized.append((job, self._tokenize(job)))
-                except Exception as e:  # BadInput: this request's 400; the others go on
-                    _settle(job.future.set_exception, e)
-            # Requests whose clients hung up while they waited for the engine leave the queue unembedded.
-            tokenized = deque(item for item in tokenized if not item[0].future.cancelled())
-            n = next_batch([tok.tokens for _, tok in tokenized], self.max_batch_tokens)
+                # Requests whose clients hung up while they waited for the engine leave the queue unembedded.
+                while tokenized and tokenized[0][0].future.cancelled():
+                    tokenized.popleft()
+                if not tokenized:
+                    if self._stopping and not self._waiting and not self._tokenizing:
+                        return
+                    continue
+                live = [item for item in tokenized if not item[0].future.cancelled()]
+                n = next_batch([tok.tokens for _, tok in live], self.max_batch_tokens)
+                batch = live[:n]
+                tokenized.clear()
+                tokenized.extend(live[n:])
             # From here a future can no longer be cancelled: its engine call is starting.
-            batch = [tokenized.popleft() for _ in range(n)]
-            batch = [(job, tok) for job, tok in batch if job.future.set_running_or_notify_cancel()]
+            batch = [(job, tok) for job, tok in batch if _start(job.future)]
             if batch:
                 self._embed(batch)
 
@@ -246,18 +293,27 @@ class Batcher:
                 for item in batch:
                     self._embed([item])
             else:
-                batch[0][0].future.set_exception(e)
+                _settle(batch[0][0].future.set_exception, e)
             return
         self._on_batch(BatchEvent(len(batch), len(whole), whole.tokens, time.perf_counter() - started))
         row = 0
         for job, tok in batch:
-            job.future.set_result(Result(vectors[row : row + len(tok)], tok.tokens, tok.truncated))
+            _settle(job.future.set_result, Result(vectors[row : row + len(tok)], tok.tokens, tok.truncated))
             row += len(tok)
 
 
-def _settle(set_outcome: Callable[[BaseException], None], error: BaseException) -> None:
-    """Fail a future that its client may have cancelled meanwhile (then there is nobody to tell)."""
+def _start(future: Future) -> bool:
+    """Mark FUTURE running; False if its client cancelled it, or a dying tokenizer thread failed it, meanwhile."""
     try:
-        set_outcome(error)
+        return future.set_running_or_notify_cancel()
+    except RuntimeError:  # already failed
+        return False
+
+
+def _settle(set_outcome: Callable[[object], None], outcome: object) -> None:
+    """Answer a future that its client may have cancelled, or a dying thread failed, meanwhile (then there is
+    nobody to tell, or the answer is given)."""
+    try:
+        set_outcome(outcome)
     except InvalidStateError:
         pass
