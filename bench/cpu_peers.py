@@ -1,7 +1,7 @@
 """This project beside PyTorch and ONNX Runtime on the same CPU, same texts, same thread count.
 
     python -m bench.cpu_peers [--models minilm,smollm2,llama8b] [--quants F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M]
-        [--threads N] [--rounds 3] [--short 64] [--passages 16] [--workdir DIR] [--packed] [--ours-threads N]
+        [--threads N] [--rounds 3] [--short 32] [--passages 8] [--workdir DIR] [--packed] [--ours-threads N]
 
 Models: (a) all-MiniLM-L6-v2's real weights (mean pooling + L2 norm, as sentence-transformers runs it),
 (b) SmolLM2-135M's real weights as a bidirectional mean-pooling embedder, (c) a random Llama-3.1-8B-shaped
@@ -368,8 +368,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quants", default=",".join(QUANTS), help="Ours: F16 and/or ladder quants (default %(default)s).")
     p.add_argument("--threads", type=int, default=physical_cores(), help="For every system (default %(default)s).")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--short", type=int, default=64, help="Short texts (10-60 words).")
-    p.add_argument("--passages", type=int, default=16, help="Passages (about 200-400 tokens).")
+    p.add_argument("--short", type=int, default=32, help="Short texts (10-60 words).")
+    p.add_argument("--passages", type=int, default=8, help="Passages (about 200-400 tokens).")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cpu-peers")
     p.add_argument("--packed", action="store_true", help="Also ours with several texts per micro-batch (packed).")
     p.add_argument("--ours-threads", type=int, help="Also ours with this many threads (an engine-setting trial).")
@@ -435,6 +435,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average (1/5/15 min): {load_start} at start, {load_average()} at end")
     if not bf16:
         print("torch bf16: skipped: no BF16 units")
+    if not have_ort:
+        print(f"ONNX Runtime: not installed, rows left out ({INSTALL_HINT})")
     for note in notes:
         print(note)
     print("\n".join(HEADER + rows))

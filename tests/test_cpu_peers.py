@@ -18,7 +18,7 @@ def test_defaults_fit_the_brief() -> None:
     args = cpu_peers.parse_args([])
     assert args.models == ["minilm", "smollm2", "llama8b"]
     assert args.quants == ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"]
-    assert (args.rounds, args.short, args.passages, args.packed) == (3, 64, 16, False)
+    assert (args.rounds, args.short, args.passages, args.packed) == (3, 32, 8, False)
 
 
 @pytest.mark.parametrize(
