@@ -547,32 +547,3 @@ def test_load_bench_request_sizes() -> None:
         request_sizes("0")
     assert split_requests(100, sizes=(32, 32)) == [(0, 32), (32, 64), (64, 96), (96, 100)]
     assert {b - a for a, b in split_requests(500)} == set(range(1, 9))
-
-
-def test_unpacked_engine_answers_each_request_of_a_batch_as_soon_as_its_own_texts_are_done() -> None:
-    """One sequence per micro-batch (the CPU): requests taken together are embedded one after the other, each
-    answered before the next starts, and still count as one engine call."""
-    pipe = FakePipeline()
-    pipe.engine = type("Engine", (), {"packed": False})()
-    events, jobs = [], [Job(texts=[f"text {i}"]) for i in range(4)]
-    done_before: list[int] = []
-    vectors = pipe.vectors
-
-    def vectors_counting(tok, **options):
-        done_before.append(sum(j.future.done() for j in jobs))
-        return vectors(tok, **options)
-
-    pipe.vectors = vectors_counting
-    batcher = Batcher(lambda: pipe, max_batch_tokens=1000, max_queue=100, on_batch=events.append)
-    batcher.start()
-    assert batcher.ready.wait(10)
-    busy = batcher.submit(Job(texts=["busy"]))
-    while not done_before:
-        time.sleep(0.001)
-    for job in jobs:  # all four wait for the busy call, then go together
-        batcher.submit(job)
-    busy.result(10)
-    assert [j.future.result(10).vectors.tolist() for j in jobs] == [[[ord("t"), 6]]] * 4
-    batcher.stop()
-    assert done_before == [0, 0, 1, 2, 3], done_before
-    assert [e.requests for e in events] == [1, 4], events

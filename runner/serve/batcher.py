@@ -285,19 +285,6 @@ class Batcher:
 
         started = time.perf_counter()
         whole = Tokenized.concat([tok for _, tok in batch])
-        if len(batch) > 1 and not getattr(getattr(self.pipeline, "engine", None), "packed", True):
-            # The engine decodes one sequence per micro-batch (the CPU): one pass over the requests' sequences
-            # saves nothing, so each request is answered once its own are done, and its client sends the next
-            # while the engine goes on with the others (no engine left idle between calls).
-            for job, tok in batch:
-                try:
-                    vectors = self.pipeline.vectors(tok, normalize=True, first_index=FIRST_INDEX)
-                except Exception as e:
-                    _settle(job.future.set_exception, e)
-                else:
-                    _settle(job.future.set_result, Result(vectors, tok.tokens, tok.truncated))
-            self._on_batch(BatchEvent(len(batch), len(whole), whole.tokens, time.perf_counter() - started))
-            return
         try:
             vectors = self.pipeline.vectors(whole, normalize=True, first_index=FIRST_INDEX)
         except Exception as e:
