@@ -6,6 +6,7 @@ finds, so plans can be made for other machines and tests can fabricate hardware.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -74,9 +75,19 @@ def parse_size(text: str, option: str) -> int:
     return int(size)
 
 
+def usable_cores() -> int:
+    """Physical cores this process may run on: a CPU set (taskset, a container's --cpuset-cpus) can hold fewer
+    than the machine has, and llama.cpp's threads spin at their barriers, so one thread more than the cores
+    there are costs far more than it brings."""
+    cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        cores = min(cores, len(os.sched_getaffinity(0)) or cores)
+    return cores
+
+
 def probe() -> Hardware:
     mem = psutil.virtual_memory()
-    cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+    cores = usable_cores()
     gpus, notes = _nvml()
     if gpus is None:
         gpus, more = _nvidia_smi()

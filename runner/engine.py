@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import unicodedata
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
-import psutil
 
 from planner.batching import MIN_TOKEN_BUDGET, max_seqs, pack, token_budget
+from planner.hardware import usable_cores
 from quantize import gguf_keys, llamacpp
 from quantize.errors import BadInput, CorruptModelFile, EngineError, OutOfMemory
 from quantize.gguf_check import check_gguf, plain_file_name
@@ -33,7 +32,7 @@ log = logging.getLogger("runner")
 
 
 def physical_cores() -> int:
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    return usable_cores()
 
 
 class Engine:
