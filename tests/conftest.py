@@ -52,6 +52,17 @@ def embed_file(model: str | Path, input_file: Path, out: Path, *extra: str) -> n
     return np.load(out)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`-n auto`, pyproject's default) each worker runs on a core of its own, and so do the
+    runs it starts: llama.cpp sizes its threads to the cores it may use (planner.hardware.usable_cores), and
+    two workers each spinning threads on every core would slow each other far more than they gain."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) >= int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")):
+            os.sched_setaffinity(0, {cpus[int(worker[2:]) % len(cpus)]})
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _models_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["EMBEDRUNNER_HOME"] = str(tmp_path_factory.mktemp("models-home"))

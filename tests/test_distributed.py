@@ -103,10 +103,15 @@ def test_id_column_and_killed_worker(cluster, minilm, inputs, tmp_path) -> None:
     deadline = time.time() + 240
     while killed is None and thread.is_alive() and time.time() < deadline:
         if list(out.glob("part-*.parquet")):
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                if "ShardWriter" in " ".join(proc.info["cmdline"] or []):
-                    os.kill(proc.info["pid"], signal.SIGKILL)
-                    killed = proc.info["pid"]
+            # Only this test process's own Ray cluster: another pytest worker may run a job of its own.
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    cmdline = " ".join(proc.cmdline())
+                except psutil.Error:
+                    continue
+                if "ShardWriter" in cmdline:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed = proc.pid
                     break
         time.sleep(0.05)
     thread.join(timeout=300)
