@@ -59,7 +59,8 @@ def test_disk_plan_from_registry_shapes_offline(tmp_path) -> None:
     assert d["needs_bytes"] == sum(i["bytes"] for i in d["items"]) and d["cached_bytes"] == 0
     assert download["path"] == str(tmp_path / "hf" / "hub" / "models--nvidia--llama-embed-nemotron-8b")
     assert f16["path"] == str(tmp_path / "home" / NEMOTRON / f"{NEMOTRON}-F16.gguf")
-    assert d["volumes"][0]["fits"] and d["volumes"][0]["needs_bytes"] == d["needs_bytes"]
+    (volume,) = d["volumes"]  # whether 30 GB fits depends on this machine's disk: only that it is counted right
+    assert volume["needs_bytes"] == d["needs_bytes"] and volume["fits"] == (volume["free_bytes"] >= d["needs_bytes"])
     text = run_cli("plan", "-m", "nv-embed-v2", "--cpu", "--ram", "16GiB", env=offline(tmp_path)).stdout
     assert "disk: writes" in text and "  head " in text  # NV-Embed's pooling head sidecar is written too
 

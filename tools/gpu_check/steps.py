@@ -190,7 +190,9 @@ def run_pytest(s: Session, python: str, timeout: float, env: dict, expect_run: b
     )
     if not modules:
         raise RuntimeError("no module in tests/ marks a test with pytest.mark.gpu")
-    cmd = [python, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", *modules]
+    # Without pyproject's addopts: the CPU suite's parallel workers (pytest-xdist) are not in the pack, and the
+    # GPU tests run in one process on the one GPU.
+    cmd = [python, "-m", "pytest", "-o", "addopts=", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", *modules]
     out = s.sh(cmd, timeout, "pytest", env=env)
     summary = out.strip().splitlines()[-1].strip("= ")
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|skipped|failed|errors?)", summary)}
