@@ -63,6 +63,47 @@ class Trunk:
         )
 
 
+@dataclass(frozen=True)
+class TrunkArgs:
+    """The sizes every family's Args holds under config.json's names, and the Trunk the planner reads from them.
+    A family adds its own fields (max_position_embeddings with its default first of them)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+
+    @staticmethod
+    def sizes(t: Trunk) -> dict[str, int]:
+        """These fields from T, as a family's from_config passes them on."""
+        return {
+            "hidden_size": t.hidden,
+            "num_hidden_layers": t.layers,
+            "num_attention_heads": t.heads,
+            "intermediate_size": t.ffn,
+            "vocab_size": t.vocab,
+        }
+
+    @property
+    def key_length(self) -> int | None:
+        """The per-head width the planner needs when it is not hidden / heads (Qwen3); None: it is."""
+        return None
+
+    @property
+    def trunk(self) -> Trunk:
+        return Trunk(
+            layers=self.num_hidden_layers,
+            hidden=self.hidden_size,
+            ffn=self.intermediate_size,
+            heads=self.num_attention_heads,
+            kv_heads=getattr(self, "num_key_value_heads", self.num_attention_heads),  # BERT: one per head
+            vocab=self.vocab_size,
+            context=self.max_position_embeddings,  # every family's Args has it
+            head_dim=self.key_length,
+        )
+
+
 def require(config: dict, key: str, where: str):
     """config[KEY], or a one-line error naming the checkpoint and the missing key."""
     if key not in config:
@@ -127,15 +168,22 @@ class Family:
     # Whether --causal means anything for this family (BERT and NV-Embed's trunk were trained bidirectional).
     can_be_causal: ClassVar[bool] = True
 
+    args: TrunkArgs  # the family's hyper-parameters, parsed once from config.json
+
     def __init__(self, config: dict, where: str) -> None:
         self.where = where
         # Causal attention (Qwen3-Embedding, e5-mistral) or bidirectional (the default: nemotron, gte-Qwen2).
         self.causal = False
 
+    def hold(self, args: TrunkArgs) -> None:
+        """Keep ARGS, and llama.cpp's tensor-name map for as many layers."""
+        self.args = args
+        self.tensor_map = gguf.get_tensor_name_map(self.gguf_arch, args.num_hidden_layers)
+
     # --- what the planner reads -----------------------------------------------------------------
     @property
     def trunk(self) -> Trunk:
-        raise NotImplementedError
+        return self.args.trunk
 
     def tensor_specs(self) -> tuple[TensorSpec, ...]:
         """Every tensor of the F16 GGUF this family's converter writes: name, shape, type."""

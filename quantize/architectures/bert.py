@@ -6,7 +6,19 @@ from dataclasses import dataclass
 
 import gguf
 
-from quantize.architectures import F16, F32, MAX_VOCAB, Family, Trunk, integer, map_tensor, number, register, shown
+from quantize.architectures import (
+    F16,
+    F32,
+    MAX_VOCAB,
+    Family,
+    Trunk,
+    TrunkArgs,
+    integer,
+    map_tensor,
+    number,
+    register,
+    shown,
+)
 from quantize.errors import UnsupportedArchitecture
 from quantize.sizes import TensorSpec
 
@@ -15,14 +27,9 @@ _UNUSED = ("embeddings.position_ids", "pooler.", "cls.")
 
 
 @dataclass(frozen=True)
-class BertArgs:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    vocab_size: int
+class BertArgs(TrunkArgs):
+    max_position_embeddings: int
     layer_norm_eps: float = 1e-12
-    max_position_embeddings: int = 512
     type_vocab_size: int = 2
 
     @classmethod
@@ -37,11 +44,7 @@ class BertArgs:
         if t.hidden % t.heads:
             raise UnsupportedArchitecture(f"{where}: hidden_size {t.hidden} does not divide into {t.heads} heads")
         return cls(
-            hidden_size=t.hidden,
-            num_hidden_layers=t.layers,
-            num_attention_heads=t.heads,
-            intermediate_size=t.ffn,
-            vocab_size=t.vocab,
+            **TrunkArgs.sizes(t),
             layer_norm_eps=number(config, "layer_norm_eps", where, 1e-12, hi=1.0),
             max_position_embeddings=t.context,
             type_vocab_size=integer(config, "type_vocab_size", where, 1, MAX_VOCAB, default=2),
@@ -57,21 +60,7 @@ class Bert(Family):
 
     def __init__(self, config: dict, where: str) -> None:
         super().__init__(config, where)
-        self.args = BertArgs.from_config(config, where)
-        self.tensor_map = gguf.get_tensor_name_map(self.gguf_arch, self.args.num_hidden_layers)
-
-    @property
-    def trunk(self) -> Trunk:
-        a = self.args
-        return Trunk(
-            layers=a.num_hidden_layers,
-            hidden=a.hidden_size,
-            ffn=a.intermediate_size,
-            heads=a.num_attention_heads,
-            kv_heads=a.num_attention_heads,
-            vocab=a.vocab_size,
-            context=a.max_position_embeddings,
-        )
+        self.hold(BertArgs.from_config(config, where))
 
     def tensor_specs(self) -> tuple[TensorSpec, ...]:
         a, hidden, ffn = self.args, self.args.hidden_size, self.args.intermediate_size

@@ -19,6 +19,7 @@ from quantize.architectures import (
     MAX_CONTEXT,
     Family,
     Trunk,
+    TrunkArgs,
     decoder_layer_specs,
     integer,
     map_tensor,
@@ -34,16 +35,11 @@ ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass(frozen=True)
-class LlamaArgs:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
+class LlamaArgs(TrunkArgs):
+    max_position_embeddings: int
     num_key_value_heads: int
-    intermediate_size: int
-    vocab_size: int
     head_dim: int
     rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     rope_type: str = "default"
     rope: dict[str, float] = field(default_factory=dict)  # the scaling parameters (factor, low/high_freq_factor, ...)
@@ -72,12 +68,8 @@ class LlamaArgs:
             )
         rope_theta = number(rope, "rope_theta", where, 10000.0, section="rope_parameters.")
         return cls(
-            hidden_size=t.hidden,
-            num_hidden_layers=t.layers,
-            num_attention_heads=t.heads,
+            **TrunkArgs.sizes(t),
             num_key_value_heads=t.kv_heads,
-            intermediate_size=t.ffn,
-            vocab_size=t.vocab,
             head_dim=head_dim,
             rms_norm_eps=number(config, "rms_norm_eps", where, 1e-6, hi=1.0),
             max_position_embeddings=_trained_context(config, where, t.context),
@@ -94,21 +86,7 @@ class Llama(Family):
 
     def __init__(self, config: dict, where: str) -> None:
         super().__init__(config, where)
-        self.args = LlamaArgs.from_config(config, where)
-        self.tensor_map = gguf.get_tensor_name_map(self.gguf_arch, self.args.num_hidden_layers)
-
-    @property
-    def trunk(self) -> Trunk:
-        a = self.args
-        return Trunk(
-            layers=a.num_hidden_layers,
-            hidden=a.hidden_size,
-            ffn=a.intermediate_size,
-            heads=a.num_attention_heads,
-            kv_heads=a.num_key_value_heads,
-            vocab=a.vocab_size,
-            context=a.max_position_embeddings,
-        )
+        self.hold(LlamaArgs.from_config(config, where))
 
     def tensor_specs(self) -> tuple[TensorSpec, ...]:
         a = self.args

@@ -19,6 +19,7 @@ from quantize.architectures import (
     F32,
     Family,
     Trunk,
+    TrunkArgs,
     decoder_layer_specs,
     map_tensor,
     number,
@@ -31,17 +32,16 @@ from quantize.sizes import TensorSpec
 
 
 @dataclass(frozen=True)
-class QwenArgs:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
+class QwenArgs(TrunkArgs):
+    max_position_embeddings: int
     num_key_value_heads: int
-    intermediate_size: int
-    vocab_size: int
     head_dim: int
     rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 32768
     rope_theta: float = 1000000.0
+
+    @property
+    def key_length(self) -> int | None:
+        return self.head_dim  # Qwen3's may differ from hidden / heads
 
     @classmethod
     def from_config(cls, config: dict, where: str, free_head_dim: bool) -> QwenArgs:
@@ -61,12 +61,8 @@ class QwenArgs:
             raise UnsupportedArchitecture(f"{where}: rope scaling {shown(rope_type)} is not supported for Qwen")
         rope_theta = number(rope, "rope_theta", where, 1000000.0, section="rope_parameters.")
         return cls(
-            hidden_size=t.hidden,
-            num_hidden_layers=t.layers,
-            num_attention_heads=t.heads,
+            **TrunkArgs.sizes(t),
             num_key_value_heads=t.kv_heads,
-            intermediate_size=t.ffn,
-            vocab_size=t.vocab,
             head_dim=head_dim,
             rms_norm_eps=number(config, "rms_norm_eps", where, 1e-6, hi=1.0),
             max_position_embeddings=t.context,
@@ -81,22 +77,7 @@ class _Qwen(Family):
 
     def __init__(self, config: dict, where: str) -> None:
         super().__init__(config, where)
-        self.args = QwenArgs.from_config(config, where, self.free_head_dim)
-        self.tensor_map = gguf.get_tensor_name_map(self.gguf_arch, self.args.num_hidden_layers)
-
-    @property
-    def trunk(self) -> Trunk:
-        a = self.args
-        return Trunk(
-            layers=a.num_hidden_layers,
-            hidden=a.hidden_size,
-            ffn=a.intermediate_size,
-            heads=a.num_attention_heads,
-            kv_heads=a.num_key_value_heads,
-            vocab=a.vocab_size,
-            context=a.max_position_embeddings,
-            head_dim=a.head_dim,
-        )
+        self.hold(QwenArgs.from_config(config, where, self.free_head_dim))
 
     def attention_extras(self, block: str) -> list[TensorSpec]:
         """The family's own attention tensors of one layer (biases, q/k norms)."""
