@@ -104,6 +104,17 @@ class TrunkArgs:
         )
 
 
+@dataclass(frozen=True)
+class DecoderArgs(TrunkArgs):
+    """What every decoder family (llama, Mistral, Qwen) reads besides the shared sizes."""
+
+    max_position_embeddings: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float = 1e-6
+
+
 def require(config: dict, key: str, where: str):
     """config[KEY], or a one-line error naming the checkpoint and the missing key."""
     if key not in config:
@@ -235,6 +246,45 @@ class Family:
 
     def write_head(self, w: gguf.GGUFWriter, tensors: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
+
+
+class Decoder(Family):
+    """A pre-norm decoder trunk (llama, Mistral, Qwen): rope, RMS norms, grouped KV heads; its Args are
+    DecoderArgs."""
+
+    args: DecoderArgs
+
+    def attention_extras(self, block: str) -> list[TensorSpec]:
+        """The family's own attention tensors of one layer (biases, q/k norms)."""
+        return []
+
+    def tensor_specs(self) -> tuple[TensorSpec, ...]:
+        a = self.args
+        hidden, ffn = a.hidden_size, a.intermediate_size
+        q_rows, kv_rows = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+        specs = [
+            TensorSpec("token_embd.weight", (a.vocab_size, hidden), F16),
+            TensorSpec("output_norm.weight", (hidden,), F32),
+        ]
+        specs += [TensorSpec(name, data.shape, F32) for name, data in self.extra_tensors()]
+        for i in range(a.num_hidden_layers):
+            specs += decoder_layer_specs(i, hidden, ffn, q_rows, kv_rows, tuple(self.attention_extras(f"blk.{i}.")))
+        return tuple(specs)
+
+    def write_hparams(self, w: gguf.GGUFWriter) -> None:
+        super().write_hparams(w)
+        a = self.args
+        w.add_head_count_kv(a.num_key_value_heads)
+        w.add_layer_norm_rms_eps(a.rms_norm_eps)
+        w.add_rope_freq_base(a.rope_theta)
+        w.add_rope_dimension_count(a.head_dim)
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        # lm_head: a causal LM's output layer, no part of an embedder (Qwen3-Embedding ships without one);
+        # llama.cpp computes the rotary tables itself.
+        if hf_name.endswith("rotary_emb.inv_freq") or hf_name == "lm_head.weight":
+            return None
+        return map_tensor(self.tensor_map, "model." + hf_name.removeprefix("model."), hf_name)
 
 
 def decoder_layer_specs(

@@ -14,33 +14,24 @@ import gguf
 import numpy as np
 
 from quantize.architectures import (
-    F16,
-    F32,
     MAX_CONTEXT,
-    Family,
+    Decoder,
+    DecoderArgs,
     Trunk,
     TrunkArgs,
-    decoder_layer_specs,
     integer,
-    map_tensor,
     number,
     register,
     shown,
     table,
 )
 from quantize.errors import CorruptModelFile, UnsupportedArchitecture
-from quantize.sizes import TensorSpec
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass(frozen=True)
-class LlamaArgs(TrunkArgs):
-    max_position_embeddings: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+class LlamaArgs(DecoderArgs):
     rope_type: str = "default"
     rope: dict[str, float] = field(default_factory=dict)  # the scaling parameters (factor, low/high_freq_factor, ...)
 
@@ -81,42 +72,20 @@ class LlamaArgs(TrunkArgs):
 
 @register("LlamaBidirectionalModel", "LlamaModel", "MistralModel")
 @register("LlamaForCausalLM", "MistralForCausalLM", causal_lm=True)
-class Llama(Family):
+class Llama(Decoder):
     gguf_arch = gguf.MODEL_ARCH.LLAMA_EMBED
 
     def __init__(self, config: dict, where: str) -> None:
         super().__init__(config, where)
         self.hold(LlamaArgs.from_config(config, where))
 
-    def tensor_specs(self) -> tuple[TensorSpec, ...]:
-        a = self.args
-        hidden, ffn, hd = a.hidden_size, a.intermediate_size, a.head_dim
-        q_rows, kv_rows = a.num_attention_heads * hd, a.num_key_value_heads * hd
-        specs = [
-            TensorSpec("token_embd.weight", (a.vocab_size, hidden), F16),
-            TensorSpec("output_norm.weight", (hidden,), F32),
-        ]
-        specs += [TensorSpec(name, data.shape, F32) for name, data in self.extra_tensors()]
-        for i in range(a.num_hidden_layers):
-            specs += decoder_layer_specs(i, hidden, ffn, q_rows, kv_rows)
-        return tuple(specs)
-
     def write_hparams(self, w: gguf.GGUFWriter) -> None:
         super().write_hparams(w)
         a = self.args
-        w.add_head_count_kv(a.num_key_value_heads)
-        w.add_layer_norm_rms_eps(a.rms_norm_eps)
-        w.add_rope_freq_base(a.rope_theta)
-        w.add_rope_dimension_count(a.head_dim)
         w.add_vocab_size(a.vocab_size)
         if a.rope_type == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(float(a.rope["factor"]))
-
-    def gguf_name(self, hf_name: str) -> str | None:
-        if hf_name.endswith("rotary_emb.inv_freq") or hf_name == "lm_head.weight":
-            return None
-        return map_tensor(self.tensor_map, "model." + hf_name.removeprefix("model."), hf_name)
 
     def transform(self, gguf_name: str, data: np.ndarray) -> np.ndarray:
         # HF stores Q/K rows for rotate-half rope; llama.cpp rotates interleaved pairs.

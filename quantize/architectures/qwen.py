@@ -15,13 +15,11 @@ from typing import ClassVar
 import gguf
 
 from quantize.architectures import (
-    F16,
     F32,
-    Family,
+    Decoder,
+    DecoderArgs,
     Trunk,
     TrunkArgs,
-    decoder_layer_specs,
-    map_tensor,
     number,
     register,
     shown,
@@ -32,13 +30,7 @@ from quantize.sizes import TensorSpec
 
 
 @dataclass(frozen=True)
-class QwenArgs(TrunkArgs):
-    max_position_embeddings: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 1000000.0
-
+class QwenArgs(DecoderArgs):
     @property
     def key_length(self) -> int | None:
         return self.head_dim  # Qwen3's may differ from hidden / heads
@@ -70,7 +62,7 @@ class QwenArgs(TrunkArgs):
         )
 
 
-class _Qwen(Family):
+class _Qwen(Decoder):
     # Byte-level BPE, 151k tokens and as many merges: 39.06 bytes a token measured on the Qwen2 vocabulary.
     header_bytes_per_token = 39
     free_head_dim: ClassVar[bool] = False
@@ -79,38 +71,12 @@ class _Qwen(Family):
         super().__init__(config, where)
         self.hold(QwenArgs.from_config(config, where, self.free_head_dim))
 
-    def attention_extras(self, block: str) -> list[TensorSpec]:
-        """The family's own attention tensors of one layer (biases, q/k norms)."""
-        return []
-
-    def tensor_specs(self) -> tuple[TensorSpec, ...]:
-        a = self.args
-        hidden, ffn = a.hidden_size, a.intermediate_size
-        q_rows, kv_rows = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
-        specs = [
-            TensorSpec("token_embd.weight", (a.vocab_size, hidden), F16),
-            TensorSpec("output_norm.weight", (hidden,), F32),
-        ]
-        for i in range(a.num_hidden_layers):
-            specs += decoder_layer_specs(i, hidden, ffn, q_rows, kv_rows, tuple(self.attention_extras(f"blk.{i}.")))
-        return tuple(specs)
-
     def write_hparams(self, w: gguf.GGUFWriter) -> None:
         super().write_hparams(w)
         a = self.args
-        w.add_head_count_kv(a.num_key_value_heads)
-        w.add_layer_norm_rms_eps(a.rms_norm_eps)
-        w.add_rope_freq_base(a.rope_theta)
-        w.add_rope_dimension_count(a.head_dim)
         if a.head_dim * a.num_attention_heads != a.hidden_size:
             w.add_key_length(a.head_dim)
             w.add_value_length(a.head_dim)
-
-    def gguf_name(self, hf_name: str) -> str | None:
-        # lm_head: the causal LM's output layer, no part of an embedder; Qwen3-Embedding ships without one.
-        if hf_name.endswith("rotary_emb.inv_freq") or hf_name == "lm_head.weight":
-            return None
-        return map_tensor(self.tensor_map, "model." + hf_name.removeprefix("model."), hf_name)
 
 
 @register("Qwen2Model")
