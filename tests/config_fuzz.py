@@ -96,32 +96,17 @@ QWEN2 = {
 }
 # Qwen3-Embedding's layout: q/k norms, head_dim wider than hidden / heads; a bare trunk as above.
 QWEN3 = {
+    **QWEN2,
     "architectures": ["Qwen3Model"],
     "attention_bias": False,
-    "attention_dropout": 0.0,
-    "bos_token_id": 151643,
-    "eos_token_id": 151643,
     "head_dim": 32,
-    "hidden_act": "silu",
-    "hidden_size": 64,
-    "initializer_range": 0.02,
-    "intermediate_size": 128,
-    "max_position_embeddings": 32768,
-    "max_window_layers": 2,
     "model_type": "qwen3",
-    "num_attention_heads": 4,
-    "num_hidden_layers": 2,
-    "num_key_value_heads": 2,
-    "rms_norm_eps": 1e-06,
     "rope_scaling": None,
-    "rope_theta": 1000000,
     "sliding_window": None,
     "tie_word_embeddings": True,
     "torch_dtype": "bfloat16",
-    "use_cache": True,
-    "use_sliding_window": False,
-    "vocab_size": 512,
 }
+QWEN3 = dict(sorted(QWEN3.items()))  # config.json's (sorted) key order, which the seeded mutations walk
 # all-MiniLM-L6-v2's layout, smaller.
 BERT = {
     "architectures": ["BertModel"],

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tests.reference import bidirectional_states, hf_tokenizer
+from tests.reference import bidirectional_states, padded_batches
 
 # name -> (architecture, tokenizer, causal, build options); the layouts of the registry's last-token models.
 LAST_TOKEN = {
@@ -39,13 +39,8 @@ def reference_last_token(model_dir: Path, texts: list[str], causal: bool, batch_
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    tok = hf_tokenizer(model_dir)
-    tok.padding_side = "right"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
     out = []
-    for start in range(0, len(texts), batch_size):
-        enc = tok(texts[start : start + batch_size], padding=True, return_tensors="pt")
+    for enc in padded_batches(model_dir, texts, batch_size):
         keep = enc["attention_mask"]
         if causal:
             with torch.no_grad():

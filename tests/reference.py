@@ -33,6 +33,17 @@ def hf_tokenizer(model_dir: Path):
     return PreTrainedTokenizerFast.from_pretrained(model_dir)
 
 
+def padded_batches(model_dir: Path, texts: list[str], batch_size: int):
+    """TEXTS through the published tokenizer in batches of BATCH_SIZE, padded on the right (with EOS, or UNK,
+    where the tokenizer has no pad token): the references exercise padding too."""
+    tok = hf_tokenizer(model_dir)
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    for start in range(0, len(texts), batch_size):
+        yield tok(texts[start : start + batch_size], padding=True, return_tensors="pt")
+
+
 def reference_embed(model_dir: Path, texts: list[str], batch_size: int = 8) -> np.ndarray:
     """float32 transformers forward with a bidirectional padding mask, mean pooling, L2 norm.
 
@@ -43,13 +54,8 @@ def reference_embed(model_dir: Path, texts: list[str], batch_size: int = 8) -> n
     config = json.loads((model_dir / "config.json").read_text())
     cls = MistralModel if config.get("model_type") == "mistral" else LlamaModel
     model = cls.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="eager").eval()
-    tok = hf_tokenizer(model_dir)
-    tok.padding_side = "right"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
     out = []
-    for start in range(0, len(texts), batch_size):
-        enc = tok(texts[start : start + batch_size], padding=True, return_tensors="pt")
+    for enc in padded_batches(model_dir, texts, batch_size):
         keep = enc["attention_mask"].to(torch.float32)
         hidden = bidirectional_states(model, enc["input_ids"], keep)
         pooled = (hidden * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
