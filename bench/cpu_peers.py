@@ -43,8 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from planner.hardware import usable_cores
 from quantize.quants import LADDER
-from runner.engine import physical_cores
 from tests.corpus import corpus
 
 MODELS = ("minilm", "smollm2", "llama8b")
@@ -366,7 +366,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.cpu_peers", description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help="Comma-separated, of %(default)s.")
     p.add_argument("--quants", default=",".join(QUANTS), help="Ours: F16 and/or ladder quants (default %(default)s).")
-    p.add_argument("--threads", type=int, default=physical_cores(), help="For every system (default %(default)s).")
+    p.add_argument("--threads", type=int, default=usable_cores(), help="For every system (default %(default)s).")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--short", type=int, default=32, help="Short texts (10-60 words).")
     p.add_argument("--passages", type=int, default=8, help="Passages (about 200-400 tokens).")

@@ -27,10 +27,11 @@ import time
 from pathlib import Path
 
 from planner.calibration import CALIBRATED_LAYERS
+from planner.hardware import usable_cores
 from quantize.ladder import quant_path, quantize
 from quantize.quants import LADDER
 from runner.calibrate import median_rate
-from runner.engine import Engine, physical_cores
+from runner.engine import Engine
 from tests.corpus import corpus
 from tests.synth import llama3_checkpoint
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             log(f"{quant}: {speed[quant]:.1f} tokens/s, calibration predicts {predicted[quant]:.1f}")
     base = speed.get("Q8_0")
     print(f"`{shlex.join(['python', '-m', 'bench.cpu_quants', *argv])}`: {args.layers} layers of the Llama-3.1-8B")
-    print(f"shape, {len(texts)} texts, {physical_cores()} threads, median of {args.repeats}")
+    print(f"shape, {len(texts)} texts, {usable_cores()} threads, median of {args.repeats}")
     extra = " runner calibrate predicts | predicted / measured |" if predicted else ""
     print("| quant | tokens/s | vs Q8_0 |" + extra)
     print("|---|---:|---:|" + ("---:|---:|" if predicted else ""))

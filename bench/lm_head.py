@@ -23,12 +23,13 @@ import gguf
 import numpy as np
 
 from planner.batching import MIN_TOKEN_BUDGET
+from planner.hardware import usable_cores
 from planner.memory import Settings, needs
 from planner.shapes import ModelShape, from_gguf, resolve_shape
 from quantize import llamacpp
 from quantize.architectures.qwen import Qwen3
 from quantize.ladder import quantize
-from runner.engine import Engine, physical_cores
+from runner.engine import Engine
 
 MODEL = "qwen3-embedding-8b"
 MIB = 2**20
@@ -113,7 +114,7 @@ def main() -> None:
     if not llamacpp.embeddings_only():
         raise SystemExit("bench.lm_head needs the engine scripts/install builds (stock llama-cpp-python found)")
     shape = resolve_shape(MODEL)
-    threads = physical_cores()
+    threads = usable_cores()
     rng = np.random.default_rng(1)
     length = min(args.tokens, MIN_TOKEN_BUDGET) // SEQS
     seqs = [rng.integers(3, shape.vocab, length, dtype=np.int32) for _ in range(SEQS)]

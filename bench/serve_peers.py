@@ -143,7 +143,7 @@ def lowest_cosine(served: np.ndarray, reference: np.ndarray) -> str:
 
 
 def main() -> None:
-    from runner.engine import physical_cores
+    from planner.hardware import usable_cores
     from runner.pipeline import open_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,7 +154,7 @@ def main() -> None:
     args = ap.parse_args()
     # One thread count for all: llama-cpp-python's server would take half the logical CPUs, runner serve the
     # physical cores, and on a shared machine that difference alone decides the ranking.
-    args.threads = args.threads or physical_cores()
+    args.threads = args.threads or usable_cores()
     load_start = os.getloadavg()[0]
     texts = corpus(args.max_texts + 8, seed=0)
     # The pipeline stays open in this process: offline speed is measured again right before each load, so that

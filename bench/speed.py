@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from planner.hardware import usable_cores
 from quantize.convert import convert
 from quantize.ladder import quant_path, quantize
-from runner.engine import Engine, physical_cores
+from runner.engine import Engine
 from runner.pipeline import Pipeline
 from tests.corpus import corpus
 
@@ -163,7 +164,7 @@ def run_model(label: str, files: dict[str, Path], ref: np.ndarray, torch_s: floa
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--texts", type=int, default=1000)
-    p.add_argument("--threads", type=int, default=physical_cores())
+    p.add_argument("--threads", type=int, default=usable_cores())
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "bench-speed")
     p.add_argument("--models", default="minilm,smollm2")
     p.add_argument("--quants", default=",".join(QUANTS), help="F16 and/or quants of the ladder (default: %(default)s)")

@@ -26,10 +26,11 @@ import numpy as np
 
 from planner.batching import MIN_TOKEN_BUDGET
 from planner.calibration import CALIBRATED_LAYERS, Calibration, cpu_identity, layer_shape
+from planner.hardware import usable_cores
 from planner.shapes import ModelShape
 from quantize.architectures.llama import Llama
 from quantize.ladder import quantize
-from runner.engine import Engine, physical_cores
+from runner.engine import Engine
 
 # What the preferences choose among (F16 .. Q4_K_M); the rest can be asked for with --quants.
 DEFAULT_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M")
@@ -145,7 +146,7 @@ def calibrate(
     """Tokens/s of each of QUANTS over CALIBRATED_LAYERS layers of SHAPE's layer on this CPU: every file loaded and
     warmed up, then REPEATS rounds in turns; the median per quant, how far its repeats disagree, when, and the
     highest load average seen. Whether to trust it (Calibration.steady) is the caller's decision."""
-    threads = threads or physical_cores()
+    threads = threads or usable_cores()
     with tempfile.TemporaryDirectory(prefix="calibrate-") as tmp, contextlib.ExitStack() as stack:
         progress(f"writing {CALIBRATED_LAYERS} layers of {shape.name}'s shape")
         f16 = synthetic_gguf(Path(tmp) / "calibration-F16.gguf", shape)

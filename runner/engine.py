@@ -31,10 +31,6 @@ from runner.latent_attention import LatentAttentionHead
 log = logging.getLogger("runner")
 
 
-def physical_cores() -> int:
-    return usable_cores()
-
-
 class Engine:
     """One GGUF model in llama.cpp's embedding mode, with the model's own pooling."""
 
@@ -50,7 +46,7 @@ class Engine:
         llamacpp.init()
         self.packed = n_gpu_layers > 0 if packed is None else packed
         self.path = Path(path)
-        self.n_threads = llamacpp.thread_count(n_threads, physical_cores())
+        self.n_threads = llamacpp.thread_count(n_threads, usable_cores())
         # llama.cpp trusts a GGUF's hyper-parameters (a bad one aborts the process): check them first.
         check_gguf(self.path)
         params = llama_cpp.llama_model_default_params()
