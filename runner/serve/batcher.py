@@ -249,25 +249,27 @@ class Batcher:
                 self._tokenizing = False
             self._fail_all(e)
 
+    def _drained(self) -> bool:
+        """Stopping, and nothing submitted is left to tokenize (under _cond)."""
+        return self._stopping and not self._waiting and not self._tokenizing
+
     def _loop(self) -> None:
         tokenized = self._tokenized
         while True:
             with self._cond:
-                while not tokenized and not (self._stopping and not self._waiting and not self._tokenizing):
+                while not tokenized and not self._drained():
                     self._cond.wait()
                 if self.crash is not None:
                     return
                 # Requests whose clients hung up while they waited for the engine leave the queue unembedded.
-                while tokenized and tokenized[0][0].future.cancelled():
-                    tokenized.popleft()
-                if not tokenized:
-                    if self._stopping and not self._waiting and not self._tokenizing:
+                live = [item for item in tokenized if not item[0].future.cancelled()]
+                tokenized.clear()
+                if not live:
+                    if self._drained():
                         return
                     continue
-                live = [item for item in tokenized if not item[0].future.cancelled()]
                 n = next_batch([tok.tokens for _, tok in live], self.max_batch_tokens)
                 batch = live[:n]
-                tokenized.clear()
                 tokenized.extend(live[n:])
             # From here a future can no longer be cancelled: its engine call is starting.
             batch = [(job, tok) for job, tok in batch if _start(job.future)]
