@@ -43,9 +43,11 @@ from pathlib import Path
 
 import numpy as np
 
+from planner.calibration import cpu_identity
 from planner.hardware import usable_cores
 from quantize.quants import LADDER
 from tests.corpus import corpus
+from tests.reference import cosines, padded_tokenizer
 
 MODELS = ("minilm", "smollm2", "llama8b")
 LABELS = {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M", "llama8b": "Llama-3.1-8B shape, 2 layers"}
@@ -61,17 +63,10 @@ def log(msg: str) -> None:
 
 
 # --- the machine ---------------------------------------------------------------------------------
-def cpu_flags(cpuinfo: str | None = None) -> dict[str, bool]:
-    """Which of FLAGS the CPU reports (amx: any amx_* flag), from /proc/cpuinfo."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    have: set[str] = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            have.update(line.partition(":")[2].split())
+def cpu_flags(isa: list[str] | None = None) -> dict[str, bool]:
+    """Which of FLAGS the CPU has (amx: any amx_* flag), from ISA (default: what a calibration records of this
+    CPU, planner.calibration.cpu_identity)."""
+    have = set(cpu_identity(1)["isa"] if isa is None else isa)
     flags = {f: f in have for f in FLAGS if f != "amx"}
     flags["amx"] = any(f.startswith("amx") for f in have)
     return flags
@@ -183,15 +178,6 @@ def pooled_module(model: Model):
             return torch.nn.functional.normalize(pooled, dim=-1)
 
     return Pooled().eval()
-
-
-def hf_tokenizer(model: Model):
-    from tests.reference import hf_tokenizer as published
-
-    tok = published(model.hf)
-    tok.padding_side = "right"
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
 
 
 def batched(tok, max_length: int, run: Callable[[dict], np.ndarray]) -> Callable[[list[str]], np.ndarray]:
@@ -329,10 +315,6 @@ def interleaved(systems: list[System], sets: dict[str, list[str]], rounds: int) 
                 log(f"round {r + 1}/{rounds} {set_name} {s.name}: {s.seconds[set_name][-1]:.2f} s")
 
 
-def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-
 def table_rows(label: str, set_name: str, tokens: int, systems: list[System]) -> list[str]:
     """Markdown rows: model | texts | system | tokens/s | vs torch fp32 | cosine to torch fp32 (mean / min)."""
     base = next(s for s in systems if s.name == "torch fp32")
@@ -340,7 +322,7 @@ def table_rows(label: str, set_name: str, tokens: int, systems: list[System]) ->
     rows = []
     for s in systems:
         sec = statistics.median(s.seconds[set_name])
-        c = cos(s.vectors[set_name], base.vectors[set_name])
+        c = cosines(s.vectors[set_name], base.vectors[set_name])
         cosine = "1 / 1" if s is base else f"{c.mean():.5f} / {c.min():.5f}"
         rows.append(f"| {label} | {set_name} | {s.name} | {tokens / sec:.0f} | {base_s / sec:.2f}x | {cosine} |")
     return rows
@@ -412,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
             "passages": passages(max(2, args.passages // share)),
         }
         module = pooled_module(model)
-        tok = hf_tokenizer(model)
+        tok = padded_tokenizer(model.hf)
         ours, max_length = our_systems(model, variants(args))
         systems = torch_systems(module, tok, max_length, args.threads, bf16) + ours
         if have_ort:

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from planner.calibration import cpu_identity
 from tests.corpus import corpus
 
 
@@ -294,7 +295,7 @@ def main() -> None:
     done = ~np.isnan(served).any(axis=1)
     cos = (served[done] * reference[done]).sum(axis=1)
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
+    cpu = cpu_identity(1)["cpu"]
     print(f"python -m bench.serve_load {' '.join(sys.argv[1:])}".rstrip())
     print(
         f"model {args.model}; {len(texts)} texts of tests.corpus; {cpu}, {os.cpu_count()} cores; "

@@ -40,7 +40,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.serve_load import Run, Server, load, log, offline
+from planner.calibration import cpu_identity
 from tests.corpus import corpus
+from tests.reference import cosines
 
 LLAMA_CPP_SERVER_DEPS = "pydantic-settings sse-starlette starlette-context"
 LOADS = (  # (name, clients, texts per request, share of the budget)
@@ -137,9 +139,7 @@ def lowest_cosine(served: np.ndarray, reference: np.ndarray) -> str:
     done = ~np.isnan(served).any(axis=1)
     if not done.any():
         return ""
-    a, b = served[done], reference[done]
-    cos = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return f"{cos.min():.6f}"
+    return f"{cosines(served[done], reference[done]).min():.6f}"
 
 
 def main() -> None:
@@ -189,9 +189,9 @@ def main() -> None:
             for peer in peers:
                 peer.stop()
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
-    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    simd = ",".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags)
+    machine = cpu_identity(args.threads)
+    cpu = machine["cpu"]
+    simd = ",".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in machine["isa"])
     print(f"python -m bench.serve_peers {' '.join(sys.argv[1:])}".rstrip())
     print(
         f"model {args.model} ({gguf.name}), {args.threads} engine thread(s) everywhere; {len(texts)} texts of "

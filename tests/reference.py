@@ -33,13 +33,18 @@ def hf_tokenizer(model_dir: Path):
     return PreTrainedTokenizerFast.from_pretrained(model_dir)
 
 
-def padded_batches(model_dir: Path, texts: list[str], batch_size: int):
-    """TEXTS through the published tokenizer in batches of BATCH_SIZE, padded on the right (with EOS, or UNK,
-    where the tokenizer has no pad token): the references exercise padding too."""
+def padded_tokenizer(model_dir: Path):
+    """The published tokenizer, padding on the right (with EOS, or UNK, where it has no pad token)."""
     tok = hf_tokenizer(model_dir)
     tok.padding_side = "right"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def padded_batches(model_dir: Path, texts: list[str], batch_size: int):
+    """TEXTS through padded_tokenizer in batches of BATCH_SIZE: the references exercise padding too."""
+    tok = padded_tokenizer(model_dir)
     for start in range(0, len(texts), batch_size):
         yield tok(texts[start : start + batch_size], padding=True, return_tensors="pt")
 
