@@ -8,9 +8,10 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import gguf
 import llama_cpp
 from tqdm import tqdm
 
@@ -34,10 +35,13 @@ def quantize(
     threads: int | None = None,
     progress: Progress = SILENT,
     importance: imatrix.Imatrix | None = None,
+    tensor_types: Sequence[tuple[str, str]] = (),
 ) -> list[Path]:
     """Quantize SOURCE (an F16/F32/BF16 GGUF) to each of QUANTS; returns the files written.
 
     IMPORTANCE (quantize.imatrix) weighs each column's rounding error by its activations; the i-quants need it.
+    TENSOR_TYPES are (regex, ggml type name) pairs, as llama-quantize's --tensor-type: a quantized tensor whose
+    name the first regex matches gets that type (quantize.sizes.tensor_types predicts the same).
     PROGRESS gets a bar per quant (llama.cpp's per-tensor log lines, weighted by each tensor's bytes) and one
     summary line per file.
     """
@@ -57,6 +61,7 @@ def quantize(
         _copy_head(source.parent / str(head), outdir / str(head))
     tensors = {t.name: nbytes(t.type, t.shape) for t in read_tensors(source)[0]}
     entries = imatrix.quantizer_entries(importance) if importance else None
+    overrides = tensor_overrides(tensor_types)
     written = []
     for i, quant in enumerate(quants, 1):
         dest = quant_path(source, quant, outdir)
@@ -66,6 +71,8 @@ def quantize(
         params.nthread = threads
         if entries is not None:
             params.imatrix = ctypes.cast(entries, type(params.imatrix))
+        if tensor_types:
+            params.tt_overrides = ctypes.cast(overrides, type(params.tt_overrides))
         with (
             atomic_path(dest) as tmp,
             progress.bar(f"quantize {quant}", sum(tensors.values())) as bar,
@@ -80,6 +87,19 @@ def quantize(
         progress.say(f"quantize{step}: {dest.name}, {size(dest.stat().st_size)} in {seconds:.1f} s")
         written.append(dest)
     return written
+
+
+def tensor_overrides(tensor_types: Sequence[tuple[str, str]]) -> ctypes.Array:
+    """llama_model_quantize_params.tt_overrides: {pattern, type} entries ending in a NULL pattern."""
+    entries = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+    for entry, (pattern, type_name) in zip(entries, tensor_types, strict=False):
+        try:
+            re.compile(pattern)
+            qtype = gguf.GGMLQuantizationType[type_name.upper()]
+        except (re.error, KeyError) as e:
+            raise BadInput(f"tensor type {pattern}={type_name}: {e}") from None
+        entry.pattern, entry.type = pattern.encode(), int(qtype)
+    return entries
 
 
 def _tensor_bar(bar: tqdm, tensors: dict[str, int]) -> Callable[[str], None]:

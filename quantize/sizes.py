@@ -33,6 +33,8 @@ file's alignment (32 bytes); the header (metadata, tokenizer, tensor index) is t
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,10 +105,16 @@ def _blocks_fit(qtype: gguf.GGMLQuantizationType, row: int) -> bool:
 
 
 def tensor_types(
-    tensors: list[TensorSpec], quant: str, n_layers: int, n_gqa: int
+    tensors: list[TensorSpec], quant: str, n_layers: int, n_gqa: int, overrides: Sequence[tuple[str, str]] = ()
 ) -> dict[str, gguf.GGMLQuantizationType]:
-    """The type llama.cpp's quantizer gives each tensor for QUANT (an ftype name: Q4_K_M, F16, ...)."""
+    """The type llama.cpp's quantizer gives each tensor for QUANT (an ftype name: Q4_K_M, F16, ...).
+
+    OVERRIDES, (regex, type name) pairs as quantize.ladder's `tensor_types`, come first for every tensor it
+    quantizes: the first regex found in the name gives the type (then the row fallback). A tensor so given its
+    type skips the ftype's rules and does not count in their attn_v / ffn_down layer numbering, as in llama.cpp.
+    """
     base = BASE_TYPE[quant]
+    manual = [(re.compile(rx), Q[name.upper()]) for rx, name in overrides]
     if base in (Q.F32, Q.F16, Q.BF16):
         return {t.name: (t.type if len(t.shape) < 2 or t.type == Q.F32 else base) for t in tensors}
     # llama.cpp visits tensors by layer number (non-layer tensors first), then name.
@@ -121,7 +129,9 @@ def tensor_types(
             out[name] = t.type
             continue
         new = base
-        if name == "output.weight" or (name == "token_embd.weight" and not has_output):
+        if (forced := next((qtype for rx, qtype in manual if rx.search(name)), None)) is not None:
+            new = forced
+        elif name == "output.weight" or (name == "token_embd.weight" and not has_output):
             if not _blocks_fit(base, t.row) or base == Q.Q8_0:
                 new = Q.Q8_0
             else:
@@ -183,8 +193,15 @@ def _pad(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
 
 
-def file_bytes(tensors: list[TensorSpec], quant: str, header_bytes: int, n_layers: int, n_gqa: int) -> int:
-    types = tensor_types(tensors, quant, n_layers, n_gqa)
+def file_bytes(
+    tensors: list[TensorSpec],
+    quant: str,
+    header_bytes: int,
+    n_layers: int,
+    n_gqa: int,
+    overrides: Sequence[tuple[str, str]] = (),
+) -> int:
+    types = tensor_types(tensors, quant, n_layers, n_gqa, overrides)
     return header_bytes + sum(_pad(nbytes(types[t.name], t.shape)) for t in tensors)
 
 

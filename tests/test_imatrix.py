@@ -111,6 +111,57 @@ def test_iquant_sizes_predicted_exactly(f16, collected, tmp_path) -> None:
     assert cosines(got, f16_vectors).mean() > 0.9
 
 
+def test_tensor_type_overrides_are_quantized_and_sized_exactly(f16, collected, tmp_path) -> None:
+    """(regex, type) overrides reach llama.cpp's quantizer, first match wins, and sizes.py predicts every tensor's
+    type and the file's bytes: an overridden attn_v leaves the Q4_K_M "more bits" numbering of the others."""
+    import gguf
+
+    from planner.shapes import from_gguf
+    from quantize.sizes import file_bytes, read_tensors, tensor_types
+
+    shape = from_gguf(f16)
+    specs, header = read_tensors(f16)
+    overrides = [(r"^blk\.0\.attn_v\.", "Q8_0"), (r"ffn_down", "Q5_K"), (r"blk\.1\.ffn_down", "Q8_0")]
+    (made,) = quantize(f16, ["Q4_K_M"], tmp_path, importance=collected, tensor_types=overrides)
+    got = {t.name: t.tensor_type for t in gguf.GGUFReader(made).tensors}
+    predicted = tensor_types(specs, "Q4_K_M", shape.layers, shape.n_gqa, overrides)
+    assert got == predicted
+    assert got["blk.0.attn_v.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert {got[n] for n in got if "ffn_down" in n} == {gguf.GGMLQuantizationType.Q5_K}  # the first match wins
+    assert made.stat().st_size == file_bytes(specs, "Q4_K_M", header, shape.layers, shape.n_gqa, overrides)
+    assert tensor_types(specs, "Q4_K_M", shape.layers, shape.n_gqa) != predicted
+    with pytest.raises(BadInput, match="tensor type ffn_down=Q9_9"):
+        quantize(f16, ["Q4_K_M"], tmp_path / "bad", tensor_types=[("ffn_down", "Q9_9")])
+
+
+def test_causal_chunks_collect_as_llama_imatrix_does(f16, collected) -> None:
+    """llama-imatrix's procedure: whole 512-token chunks of the joined text, the remainder dropped, and causal
+    attention (the same text run bidirectionally, as this embedder runs, gives other sums past the first layer's
+    input)."""
+    from runner.engine import Engine
+
+    many = CALIBRATION * 8
+    causal = imatrix.collect_causal_chunks(f16, many, dataset="test", chunk=128)
+    with Engine(f16) as engine:
+        n_tokens = len(engine.tokenize("\n".join(t.text for t in many)))
+    assert causal.chunk_size == 128 and causal.chunk_count == n_tokens // 128 >= 2
+    assert set(causal.counts) == set(collected.counts)
+    assert {float(c[0]) for c in causal.counts.values()} == {causal.chunk_count * 128.0}
+    bidirectional = imatrix.Imatrix()
+    with Engine(f16) as engine:
+        engine.eval_callback, engine.causal = imatrix._Collector(bidirectional).callback, False
+        tokens = engine.tokenize("\n".join(t.text for t in many))
+        for i in range(causal.chunk_count):
+            part = tokens[i * 128 : (i + 1) * 128].copy()
+            if engine.bos is not None:
+                part[0] = engine.bos
+            engine.embed_tokens([part])
+    np.testing.assert_allclose(causal.sums["blk.0.attn_q.weight"], bidirectional.sums["blk.0.attn_q.weight"], rtol=1e-5)
+    assert not np.allclose(causal.sums["blk.0.ffn_up.weight"], bidirectional.sums["blk.0.ffn_up.weight"], rtol=1e-3)
+    with pytest.raises(BadInput, match="causal chunks of 512 need at least 1024"):
+        imatrix.collect_causal_chunks(f16, CALIBRATION[:2], dataset="test")
+
+
 def test_cli_imatrix_then_quantize_with_it(f16, tmp_path) -> None:
     """`runner imatrix` writes the file; `runner quantize --imatrix FILE` makes an i-quant; without one: one line."""
     from tests.conftest import run_cli
