@@ -212,6 +212,42 @@ def collect(
     return imatrix
 
 
+CHUNK = 512  # llama-imatrix's default context: tokens per chunk
+
+
+def collect_causal_chunks(
+    model: Path,
+    texts: list[CalibrationText],
+    dataset: str = CALIBRATION,
+    chunk: int = CHUNK,
+    threads: int | None = None,
+    progress: Progress = SILENT,
+) -> Imatrix:
+    """MODEL's importance matrix as llama.cpp's `llama-imatrix` collects it (tools/imatrix/imatrix.cpp), for
+    comparison with `collect`: TEXTS joined one per line, as the text file it reads, tokenized once with BOS, cut
+    into CHUNK-token chunks (the remainder dropped; BOS first in each chunk where the vocabulary adds one), each
+    run with causal attention, as a language model, without prompts."""
+    from runner.engine import Engine
+
+    imatrix = Imatrix(datasets=[dataset])
+    collector = _Collector(imatrix)
+    with Engine(model, n_threads=threads) as engine:
+        tokens = engine.tokenize("\n".join(t.text for t in texts))
+        n_chunks = len(tokens) // chunk
+        if n_chunks < 2:
+            raise BadInput(f"{dataset}: {len(tokens)} tokens; causal chunks of {chunk} need at least {2 * chunk}")
+        engine.eval_callback, engine.causal = collector.callback, True
+        with progress.bar("imatrix (causal chunks)", n_chunks, unit="chunk") as bar:
+            for i in range(n_chunks):
+                part = tokens[i * chunk : (i + 1) * chunk].copy()
+                if engine.bos is not None:
+                    part[0] = engine.bos
+                engine.embed_tokens([part])
+                bar.update(1)
+    imatrix.chunk_count, imatrix.chunk_size = n_chunks, chunk
+    return imatrix
+
+
 def _batches(texts: list[CalibrationText]) -> Iterator[list[CalibrationText]]:
     for i in range(0, len(texts), _BATCH_TEXTS):
         yield texts[i : i + _BATCH_TEXTS]

@@ -66,6 +66,9 @@ class Engine:
         self._budget = 0
         # Set before the first embed to see every tensor llama.cpp computes (quantize.imatrix collects with it).
         self.eval_callback: llama_cpp.ggml_backend_sched_eval_callback | None = None
+        # Set before the first embed to force causal (True) or bidirectional (False) attention; None: the GGUF's.
+        # quantize.imatrix's causal-chunk collection runs an embedder as llama-imatrix runs an LM.
+        self.causal: bool | None = None
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
             why = llamacpp.last_error()
@@ -152,6 +155,11 @@ class Engine:
         return int(llama_cpp.llama_vocab_eos(self._vocab))
 
     @property
+    def bos(self) -> int | None:
+        """The BOS token where the vocabulary adds one at the start of a text, else None."""
+        return int(llama_cpp.llama_vocab_bos(self._vocab)) if llama_cpp.llama_vocab_get_add_bos(self._vocab) else None
+
+    @property
     def ends_with_special(self) -> bool:
         """Whether tokenize() appends a closing special token (EOS/SEP) that truncation must keep."""
         return bool(llama_cpp.llama_vocab_get_add_eos(self._vocab) or llama_cpp.llama_vocab_get_add_sep(self._vocab))
@@ -201,6 +209,8 @@ class Engine:
                 f"{self.path}: llama.cpp could not create a context of {budget} tokens "
                 f"({llamacpp.last_error()}); lower --max-length"
             )
+        if self.causal is not None:
+            llama_cpp.llama_set_causal_attn(self._ctx, self.causal)
         self._budget = budget
         # One batch, backed by numpy arrays we fill in bulk; seq_id[i] points at seq[i].
         self._tok = np.zeros(budget, np.int32)
