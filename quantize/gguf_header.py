@@ -48,6 +48,7 @@ class Header:
     # Each metadata entry's bytes in the file (key, type and value), as [start, end): enough to copy a file
     # with a few entries changed without decoding the vocabulary.
     entry_spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+    header_end: int = 0  # where the tensor index ends, before the padding up to data_offset
 
 
 class _Cursor:
@@ -180,5 +181,6 @@ def read_header(path: Path) -> Header:
             raise ValueError(f"general.alignment {alignment} is not a power of two of at least {TENSOR_ALIGNMENT}")
         data_offset = -(-c.tell() // alignment) * alignment
     return Header(
-        metadata, lengths, tensors, data_offset, types, offsets, c.size, distinct, byte_tokens, token_types, spans
+        metadata, lengths, tensors, data_offset, types, offsets, c.size, distinct, byte_tokens, token_types, spans,
+        c.tell(),
     )

@@ -34,3 +34,11 @@ HEAD_SHA256 = f"{NAMESPACE}.head.sha256"
 POOL_SKIP_INSTRUCTION = f"{NAMESPACE}.pooling.skip_instruction"
 # True: one EOS token follows every input (NV-Embed appends the eos_token string to each text).
 APPEND_EOS = f"{NAMESPACE}.append_eos"
+# How a quant was made beyond its ftype. llama-quantize's own keys name the importance matrix it used
+# (tools/quantize/quantize.cpp); ours add its sha256 and the tensor-type overrides (`regex=TYPE`, comma-separated).
+IMATRIX_FILE = "quantize.imatrix.file"
+IMATRIX_DATASET = "quantize.imatrix.dataset"
+IMATRIX_ENTRIES = "quantize.imatrix.entries_count"
+IMATRIX_CHUNKS = "quantize.imatrix.chunks_count"
+IMATRIX_SHA256 = f"{NAMESPACE}.imatrix.sha256"
+TENSOR_TYPES = f"{NAMESPACE}.quantize.tensor_types"

@@ -31,6 +31,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _ggml
 
+from quantize import gguf_keys
 from quantize.errors import BadInput, CorruptModelFile
 from quantize.files import atomic_path
 from quantize.progress import SILENT, Progress
@@ -60,6 +61,8 @@ class Imatrix:
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
+    file: str | None = None  # the file it was loaded from (its name) and that file's sha256
+    sha256: str | None = None
 
     def add(self, name: str, rows: np.ndarray) -> None:
         """Add ROWS (tokens x columns, float32) seen at the input of weight NAME."""
@@ -327,6 +330,8 @@ def load(path: Path) -> Imatrix:
         datasets=[str(v) for v in fields[KEY_DATASETS].contents()],
         chunk_count=int(fields[KEY_CHUNK_COUNT].contents()),
         chunk_size=int(fields[KEY_CHUNK_SIZE].contents()),
+        file=Path(path).name,
+        sha256=digest(path),
     )
     tensors = {t.name: np.array(t.data, np.float32) for t in reader.tensors}
     for key, data in tensors.items():
@@ -344,6 +349,19 @@ def load(path: Path) -> Imatrix:
 
 def digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def key_values(imatrix: Imatrix) -> dict[str, str | int]:
+    """What a quant made with IMATRIX records of it in its GGUF: llama-quantize's keys, and the file's sha256."""
+    values: dict[str, str | int] = {
+        gguf_keys.IMATRIX_FILE: imatrix.file or "(not saved)",
+        gguf_keys.IMATRIX_DATASET: ",".join(imatrix.datasets),
+        gguf_keys.IMATRIX_ENTRIES: len(imatrix.sums),
+        gguf_keys.IMATRIX_CHUNKS: imatrix.chunk_count,
+    }
+    if imatrix.sha256:
+        values[gguf_keys.IMATRIX_SHA256] = imatrix.sha256
+    return values
 
 
 def quantizer_entries(imatrix: Imatrix) -> ctypes.Array:

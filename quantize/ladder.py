@@ -62,6 +62,10 @@ def quantize(
     tensors = {t.name: nbytes(t.type, t.shape) for t in read_tensors(source)[0]}
     entries = imatrix.quantizer_entries(importance) if importance else None
     overrides = tensor_overrides(tensor_types)
+    made_with = {**(imatrix.key_values(importance) if importance else {})}
+    if tensor_types:
+        made_with[gguf_keys.TENSOR_TYPES] = ",".join(f"{rx}={name.upper()}" for rx, name in tensor_types)
+    key_values = kv_overrides(made_with)
     written = []
     for i, quant in enumerate(quants, 1):
         dest = quant_path(source, quant, outdir)
@@ -73,6 +77,8 @@ def quantize(
             params.imatrix = ctypes.cast(entries, type(params.imatrix))
         if tensor_types:
             params.tt_overrides = ctypes.cast(overrides, type(params.tt_overrides))
+        if made_with:
+            params.kv_overrides = ctypes.cast(key_values, type(params.kv_overrides))
         with (
             atomic_path(dest) as tmp,
             progress.bar(f"quantize {quant}", sum(tensors.values())) as bar,
@@ -99,6 +105,21 @@ def tensor_overrides(tensor_types: Sequence[tuple[str, str]]) -> ctypes.Array:
         except (re.error, KeyError) as e:
             raise BadInput(f"tensor type {pattern}={type_name}: {e}") from None
         entry.pattern, entry.type = pattern.encode(), int(qtype)
+    return entries
+
+
+def kv_overrides(values: dict[str, str | int]) -> ctypes.Array:
+    """llama_model_quantize_params.kv_overrides: keys llama.cpp writes into the quant, ending in an empty key."""
+    entries = (llama_cpp.llama_model_kv_override * (len(values) + 1))()
+    for entry, (key, value) in zip(entries, values.items(), strict=False):
+        entry.key = key.encode()
+        if isinstance(value, int):
+            entry.tag, entry.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, value
+        else:
+            text = value.encode()
+            if len(text) >= 128:  # llama.cpp's fixed-size string value
+                raise BadInput(f"{key}: {value[:40]}... is over 127 bytes")
+            entry.tag, entry.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, text
     return entries
 
 

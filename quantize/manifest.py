@@ -98,7 +98,8 @@ def entries(directory: Path) -> dict[str, dict]:
 
 
 def record(path: Path, quant: str, progress: Progress = SILENT) -> None:
-    """Add PATH to its directory's manifest.json: quant, bytes, sha256, source and converter version."""
+    """Add PATH to its directory's manifest.json: quant, bytes, sha256, source and converter version, and the
+    importance matrix and tensor-type overrides it was made with (from the keys quantize.ladder writes into it)."""
     meta = read_metadata(path)
     with progress.bar(f"sha256 {path.name}", path.stat().st_size) as bar:
         digest = sha256(path, bar.update)
@@ -111,6 +112,16 @@ def record(path: Path, quant: str, progress: Progress = SILENT) -> None:
         "source_revision": meta.get(gguf_keys.SOURCE_REVISION),
         "converter_version": meta.get(gguf_keys.CONVERTER_VERSION, CONVERTER_VERSION),
     }
+    if gguf_keys.IMATRIX_DATASET in meta:  # made with an importance matrix (quantize.imatrix)
+        entry["imatrix"] = {
+            "file": meta.get(gguf_keys.IMATRIX_FILE),
+            "sha256": meta.get(gguf_keys.IMATRIX_SHA256),
+            "datasets": str(meta[gguf_keys.IMATRIX_DATASET]).split(","),
+            "chunks": meta.get(gguf_keys.IMATRIX_CHUNKS),
+            "weights": meta.get(gguf_keys.IMATRIX_ENTRIES),
+        }
+    if gguf_keys.TENSOR_TYPES in meta:
+        entry["tensor_types"] = str(meta[gguf_keys.TENSOR_TYPES]).split(",")
     manifest_path = path.parent / MANIFEST
     with _locked(path.parent):  # read-modify-write under the lock
         manifest = _read(manifest_path)

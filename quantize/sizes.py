@@ -28,13 +28,14 @@ The i-quants (IQ4_XS, IQ3_M, IQ3_XXS, IQ2_M), as quantized here: always with an 
 - a row not divisible by 256 falls back to IQ4_NL (blocks of 32), then F16.
 
 "More bits" layers: i < n/8, i >= 7n/8, or (i - n/8) % 3 == 2. Each tensor's data is padded to the
-file's alignment (32 bytes); the header (metadata, tokenizer, tensor index) is the F16 file's.
+file's alignment (32 bytes); the header (metadata, tokenizer, tensor index) is the F16 file's, plus the keys a
+quant made with an importance matrix or tensor-type overrides records (`data_offset_with`; under 1 KiB).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,6 +219,15 @@ def layer_bytes(tensors: list[TensorSpec], quant: str, n_layers: int, n_gqa: int
         else:
             other += size
     return per_layer, other
+
+
+def data_offset_with(path: Path, added: Mapping[str, str | int]) -> int:
+    """Where tensor data starts in a quant of the GGUF PATH that carries the ADDED metadata keys too (string and
+    uint32 values; quantize.imatrix.key_values): a quant made with an importance matrix records it in the file."""
+    end = read_header(path).header_end
+    for key, value in added.items():
+        end += 8 + len(key.encode()) + 4 + (4 if isinstance(value, int) else 8 + len(str(value).encode()))
+    return _pad(end)
 
 
 def read_tensors(path: Path) -> tuple[list[TensorSpec], int]:

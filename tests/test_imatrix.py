@@ -78,10 +78,13 @@ def test_load_refuses_what_is_not_an_imatrix(f16, tmp_path) -> None:
 
 def test_quantizer_uses_the_imatrix(f16, collected, tmp_path) -> None:
     """The same quant with and without the imatrix differs, and llama.cpp reads the values: a NaN is refused."""
+    from quantize.sizes import data_offset_with, read_tensors
+
     plain = quantize(f16, ["Q4_K_M"], tmp_path / "plain")[0]
     weighted = quantize(f16, ["Q4_K_M"], tmp_path / "imatrix", importance=collected)[0]
-    assert plain.stat().st_size == weighted.stat().st_size
-    assert plain.read_bytes() != weighted.read_bytes()
+    added = data_offset_with(f16, imatrix.key_values(collected)) - read_tensors(f16)[1]  # the keys naming it
+    assert plain.stat().st_size + added == weighted.stat().st_size
+    assert plain.read_bytes()[-4096:] != weighted.read_bytes()[-4096:]
     broken = imatrix.Imatrix({k: v.copy() for k, v in collected.sums.items()}, dict(collected.counts))
     broken.sums["blk.1.ffn_up.weight"][0, 3] = np.nan
     with pytest.raises(EngineError, match="could not quantize"):
@@ -97,12 +100,13 @@ def test_iquants_need_an_imatrix(f16, tmp_path) -> None:
 def test_iquant_sizes_predicted_exactly(f16, collected, tmp_path) -> None:
     """quantize/sizes.py gives each i-quant's bytes exactly, and the vectors still hold."""
     from planner.shapes import from_gguf
-    from quantize.sizes import file_bytes, read_tensors
+    from quantize.sizes import data_offset_with, file_bytes, read_tensors
     from tests.conftest import embed_file
     from tests.reference import cosines
 
     shape = from_gguf(f16)
-    specs, header = read_tensors(f16)
+    specs = read_tensors(f16)[0]
+    header = data_offset_with(f16, imatrix.key_values(collected))
     for path, quant in zip(quantize(f16, IQUANTS, tmp_path, importance=collected), IQUANTS, strict=True):
         predicted = file_bytes(specs, quant, header, shape.layers, shape.n_gqa)
         assert predicted == path.stat().st_size, (quant, predicted, path.stat().st_size)
@@ -117,11 +121,14 @@ def test_tensor_type_overrides_are_quantized_and_sized_exactly(f16, collected, t
     import gguf
 
     from planner.shapes import from_gguf
-    from quantize.sizes import file_bytes, read_tensors, tensor_types
+    from quantize.gguf_keys import TENSOR_TYPES
+    from quantize.sizes import data_offset_with, file_bytes, read_tensors, tensor_types
 
     shape = from_gguf(f16)
-    specs, header = read_tensors(f16)
+    specs = read_tensors(f16)[0]
     overrides = [(r"^blk\.0\.attn_v\.", "Q8_0"), (r"ffn_down", "Q5_K"), (r"blk\.1\.ffn_down", "Q8_0")]
+    written = ",".join(f"{rx}={t}" for rx, t in overrides)
+    header = data_offset_with(f16, {**imatrix.key_values(collected), TENSOR_TYPES: written})
     (made,) = quantize(f16, ["Q4_K_M"], tmp_path, importance=collected, tensor_types=overrides)
     got = {t.name: t.tensor_type for t in gguf.GGUFReader(made).tensors}
     predicted = tensor_types(specs, "Q4_K_M", shape.layers, shape.n_gqa, overrides)
@@ -130,6 +137,11 @@ def test_tensor_type_overrides_are_quantized_and_sized_exactly(f16, collected, t
     assert {got[n] for n in got if "ffn_down" in n} == {gguf.GGMLQuantizationType.Q5_K}  # the first match wins
     assert made.stat().st_size == file_bytes(specs, "Q4_K_M", header, shape.layers, shape.n_gqa, overrides)
     assert tensor_types(specs, "Q4_K_M", shape.layers, shape.n_gqa) != predicted
+    from quantize.manifest import entries
+
+    entry = entries(tmp_path)[made.name]
+    assert entry["tensor_types"] == [f"{rx}={t}" for rx, t in overrides]
+    assert entry["imatrix"]["file"] == "(not saved)" and entry["imatrix"]["datasets"] == ["test"]
     with pytest.raises(BadInput, match="tensor type ffn_down=Q9_9"):
         quantize(f16, ["Q4_K_M"], tmp_path / "bad", tensor_types=[("ffn_down", "Q9_9")])
 
@@ -201,3 +213,16 @@ def test_cli_quantize_imatrix_auto_collects_once(f16, tmp_path) -> None:
     assert imatrix.load(kept).chunk_count == len(shipped) and imatrix.load(kept).datasets == [imatrix.CALIBRATION]
     second = run_cli("quantize", str(model), "--quant", "IQ4_XS", "--imatrix", "auto")
     assert f"imatrix: reusing {kept}" in second.stderr
+    # The quant and the manifest name the matrix: llama-quantize's keys and its sha256.
+    from quantize.manifest import entries, read_metadata
+
+    recorded = entries(tmp_path)["hf-IQ4_XS.gguf"]["imatrix"]
+    assert recorded == {
+        "file": kept.name,
+        "sha256": imatrix.digest(kept),
+        "datasets": [imatrix.CALIBRATION],
+        "chunks": len(shipped),
+        "weights": len(imatrix.load(kept).sums),
+    }
+    meta = read_metadata(tmp_path / "hf-IQ4_XS.gguf")
+    assert meta["quantize.imatrix.file"] == kept.name and meta["quantize.imatrix.chunks_count"] == len(shipped)
