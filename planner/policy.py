@@ -4,12 +4,15 @@ Rule, in order:
 1. `--quant Q` always wins: Q with the most GPU layers that fit (else CPU), or a clear error.
 2. With a usable GPU: the highest-fidelity quant (F16 > Q8_0 > Q6_K > ... > Q2_K, within
    --max-quant/--min-quant) whose every layer fits on the GPU(s), layers split in proportion to free
-   memory across GPUs.
+   memory across GPUs. Measured fidelity outranks the ladder: when the ladder's pick has a cosine to F16
+   measured on this model (`runner retention`), the quant that fits with the highest measured cosine wins, so a
+   smaller quant made with an importance matrix beats a larger one it out-measures. The i-quants (IQ4_XS ...,
+   made only with an importance matrix) are candidates once measured on this model, in bits-per-weight order.
 3. Else a partial offload among the acceptable quants (Q8_0 down to Q4_K_M — below that retention
    drops fast, see the README): the one that leaves the fewest weight bytes on the CPU, because the CPU
    layers set the speed (they run an order of magnitude slower than GPU layers); ties go to fidelity.
 4. Else (no GPU, or nothing offloads): the CPU plan, among the quants that fit in free RAM, by --prefer:
-   - fidelity: the highest-fidelity quant (F16 included);
+   - fidelity: the highest-fidelity quant (F16 included; measured fidelity outranks the ladder as in 2);
    - balanced (the default): the fastest on this CPU whose cosine to F16, measured on this model's own files
      (`runner retention`, recorded in its manifest.json), is >= 0.999; an unmeasured quant never qualifies;
    - speed: the fastest at Q4_K_M or above.
@@ -29,7 +32,7 @@ from planner.hardware import NO_OFFLOAD, Hardware
 from planner.memory import Needs, Settings, needs
 from planner.shapes import ModelShape
 from quantize.errors import BadInput
-from quantize.quants import FIDELITY
+from quantize.quants import FIDELITY, QUANTS
 
 if TYPE_CHECKING:
     from planner.calibration import Calibration
@@ -192,8 +195,10 @@ def plan(
     s = Settings(max_length, hw.embeddings_only)
     speeds = cpu_speeds or {}
     kept = {**(retention or {}), "F16": 1.0}
+    # The ladder, and the i-quants this model has measured files of, by bits per weight.
+    order = [q for q in ["F16", *QUANTS] if q in FIDELITY or q in kept]
     rows = tuple(
-        replace(evaluate(shape, q, hw, s), cpu_tokens_per_s=speeds.get(q), retention=kept.get(q)) for q in FIDELITY
+        replace(evaluate(shape, q, hw, s), cpu_tokens_per_s=speeds.get(q), retention=kept.get(q)) for q in order
     )
     by_quant = {r.quant: r for r in rows}
 
@@ -204,29 +209,33 @@ def plan(
 
     cannot_offload = bool(hw.gpus) and not hw.offload
     if quant:
-        quant = _check(quant, "--quant")
-        row = by_quant[quant]
+        everything = ["F16", *QUANTS]
+        quant = _check(quant, "--quant", everything)
+        row = by_quant.get(quant) or evaluate(shape, quant, hw, s)
         if row.fits == "no":
-            lower = [r.quant for r in rows[FIDELITY.index(quant) + 1 :] if r.fits != "no"]
+            lower = [r.quant for r in rows if r.fits != "no" and everything.index(r.quant) > everything.index(quant)]
             raise BadInput(_no_fit(shape, row, hw, s, f"try --quant {lower[0]}" if lower else SHORTER))
         return done(row, f"{quant} was asked for" + (f"; {NO_OFFLOAD}" if cannot_offload else ""))
-    hi = FIDELITY.index(_check(max_quant, "--max-quant")) if max_quant else 0
-    lo = FIDELITY.index(_check(min_quant, "--min-quant")) if min_quant else len(FIDELITY) - 1
+    hi = order.index(_check(max_quant, "--max-quant", order)) if max_quant else 0
+    lo = order.index(_check(min_quant, "--min-quant", order)) if min_quant else len(order) - 1
     if hi > lo:
         raise BadInput(f"--max-quant {max_quant} is below --min-quant {min_quant}; swap them")
-    allowed = [by_quant[q] for q in FIDELITY[hi : lo + 1]]
-    for row in allowed:
-        if row.fits == "gpu":
-            return done(row, "the highest-fidelity quant that fits entirely on the GPU")
+    allowed = [by_quant[q] for q in order[hi : lo + 1]]
+    if on_gpu := [r for r in allowed if r.fits == "gpu"]:
+        return done(most_faithful(on_gpu), "the highest-fidelity quant that fits entirely on the GPU")
     partial = [r for r in allowed if r.fits == "split" and r.quant in ACCEPTABLE_PARTIAL]
     if partial:
-        best = min(partial, key=lambda r: (r.needs.ram, FIDELITY.index(r.quant)))
+        best = min(partial, key=lambda r: (r.needs.ram, order.index(r.quant)))
         return done(best, "nothing fits on the GPU whole; this leaves the least on the CPU, which sets the speed")
-    on_cpu = [evaluate(shape, r.quant, _cpu_only(hw), s) for r in allowed if r.fits in ("cpu", "split")]
+    on_cpu = [
+        replace(evaluate(shape, r.quant, _cpu_only(hw), s), retention=r.retention)
+        for r in allowed
+        if r.fits in ("cpu", "split")
+    ]
     on_cpu = [r for r in on_cpu if r.fits == "cpu"]
     if not on_cpu:
         smallest = allowed[-1]  # never empty: hi <= lo was checked above
-        if lo < len(FIDELITY) - 1:  # what runs lies below the user's --min-quant: name it, not a --quant past it
+        if lo < len(order) - 1:  # what runs lies below the user's --min-quant: name it, not a --quant past it
             try:
                 below = plan(shape, hw, max_length, None, max_quant, None, prefer, cpu_speeds).chosen.quant
                 hint = f"lower --min-quant to {below}"
@@ -246,29 +255,37 @@ def plan(
         fast = [r for r in on_cpu if r.quant in speeds and kept.get(r.quant, 0.0) >= BALANCED_COSINE]
         rule = f"the fastest quant on this CPU that keeps >= {BALANCED_COSINE} cosine to F16, measured on this model"
     elif prefer == "speed":
-        fast = [r for r in on_cpu if r.quant in speeds and FIDELITY.index(r.quant) <= FIDELITY.index(SPEED_FLOOR)]
+        fast = [r for r in on_cpu if r.quant in speeds and order.index(r.quant) <= order.index(SPEED_FLOOR)]
         rule = f"the fastest quant on this CPU at {SPEED_FLOOR} or above"
     else:
-        return done(on_cpu[0], f"{why}; the highest-fidelity quant that fits in RAM")
+        return done(most_faithful(on_cpu), f"{why}; the highest-fidelity quant that fits in RAM")
     if fast:
-        best = max(fast, key=lambda r: (speeds[r.quant], -FIDELITY.index(r.quant)))
+        best = max(fast, key=lambda r: (speeds[r.quant], -order.index(r.quant)))
         faster = [q for q in unmeasured if speeds[q] > speeds[best.quant]]
         note = f"; {', '.join(faster)} faster but unmeasured: {RETENTION_HINT}" if faster else ""
         return done(best, f"{why}; {rule} ({speeds[best.quant]:.0f} tokens/s predicted){note}")
     hint = CALIBRATE_HINT if not speeds else "no calibrated quant qualifies"
     if unmeasured:
         hint += f"; {RETENTION_HINT}"
-    return done(on_cpu[0], f"{why}; the highest-fidelity quant that fits in RAM ({hint})")
+    return done(most_faithful(on_cpu), f"{why}; the highest-fidelity quant that fits in RAM ({hint})")
+
+
+def most_faithful(rows: list[Row]) -> Row:
+    """The highest-fidelity of ROWS (in ladder order, not empty): the ladder's first, unless it was measured on
+    this model, then the highest measured cosine to F16 among them (ties to the larger quant)."""
+    if rows[0].retention is None:
+        return rows[0]
+    return max((r for r in rows if r.retention is not None), key=lambda r: r.retention)
 
 
 def _cpu_only(hw: Hardware) -> Hardware:
     return replace(hw, gpus=())
 
 
-def _check(quant: str, option: str) -> str:
+def _check(quant: str, option: str, known: list[str] = FIDELITY) -> str:
     q = quant.upper()
-    if q not in FIDELITY:
-        raise BadInput(f"{option} {quant}: unknown quant; choose from {', '.join(FIDELITY)}")
+    if q not in known:
+        raise BadInput(f"{option} {quant}: unknown quant; choose from {', '.join(known)}")
     return q
 
 

@@ -255,3 +255,21 @@ def test_a_busy_machines_calibration_is_shown_not_cached(tmp_path, monkeypatch) 
     monkeypatch.setattr(runner.calibrate, "calibrate", steady)
     ok = CliRunner().invoke(main, args)
     assert ok.exit_code == 0 and load(shape, probe().cores).spread["Q8_0"] == pytest.approx(1 - 1 / 1.1), ok.stderr
+
+
+def test_measured_fidelity_outranks_the_ladder_on_8_gib() -> None:
+    """An 8 GiB GPU, or about 8 GiB of RAM free: the ladder's pick loses to a smaller quant made with an importance
+    matrix that measured higher on this model, and a measured i-quant joins the candidates; unmeasured, the ladder
+    rules and the i-quants are not candidates."""
+    shape = resolve_shape("llama-embed-nemotron-8b")
+    gpu, ram, tight = cpu_machine(64, vram=(8,)), cpu_machine(9.5), cpu_machine(8.5)
+    assert plan(shape, gpu, 4096).chosen.quant == "Q5_K_M"
+    assert plan(shape, ram, 4096, prefer="fidelity").chosen.quant == "Q5_K_S"
+    assert plan(shape, tight, 4096, prefer="fidelity").chosen.quant == "Q3_K_L"
+    measured = {"Q5_K_M": 0.9975, "Q5_K_S": 0.9974, "Q4_K_M": 0.9991, "Q4_K_S": 0.9982, "IQ4_XS": 0.9990,
+                "Q3_K_L": 0.9930}  # fmt: skip
+    on_gpu = plan(shape, gpu, 4096, retention=measured)
+    assert (on_gpu.chosen.quant, on_gpu.device) == ("Q4_K_M", "gpu"), on_gpu.summary()
+    assert "IQ4_XS" in [r.quant for r in on_gpu.rows] and "IQ3_M" not in [r.quant for r in on_gpu.rows]
+    assert plan(shape, ram, 4096, prefer="fidelity", retention=measured).chosen.quant == "Q4_K_M"
+    assert plan(shape, tight, 4096, prefer="fidelity", retention=measured).chosen.quant == "IQ4_XS"
