@@ -226,3 +226,27 @@ def test_cli_quantize_imatrix_auto_collects_once(f16, tmp_path) -> None:
     }
     meta = read_metadata(tmp_path / "hf-IQ4_XS.gguf")
     assert meta["quantize.imatrix.file"] == kept.name and meta["quantize.imatrix.chunks_count"] == len(shipped)
+
+
+def test_cli_tensor_type(f16, tmp_path) -> None:
+    """`runner quantize --tensor-type REGEX=TYPE`: the tensors get the type and the manifest says so; a malformed
+    option or an unknown type is one line, before anything is written."""
+    import gguf
+
+    from quantize.manifest import entries
+    from tests.conftest import run_cli
+
+    made = run_cli(
+        "quantize", str(f16), "--quant", "Q4_K_M", "--tensor-type", "ffn_down=Q8_0", "--outdir", str(tmp_path)
+    )
+    path = tmp_path / "hf-Q4_K_M.gguf"
+    assert made.stdout.strip() == str(path)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors if "ffn_down" in t.name}
+    assert set(types.values()) == {gguf.GGMLQuantizationType.Q8_0}
+    assert entries(tmp_path)[path.name]["tensor_types"] == ["ffn_down=Q8_0"]
+    for bad, says in (("ffn_down", "expected REGEX=TYPE"), ("ffn_down=Q9", "tensor type ffn_down=Q9")):
+        out = run_cli(
+            "quantize", str(f16), "--quant", "Q2_K", "--tensor-type", bad, "--outdir", str(tmp_path), check=False
+        )
+        assert out.returncode == 1 and out.stderr.count("\n") == 1 and says in out.stderr, out.stderr
+    assert not (tmp_path / "hf-Q2_K.gguf").exists()

@@ -69,6 +69,11 @@ def convert(
     "--imatrix", metavar="auto|FILE", help="Weigh rounding by an importance matrix (the i-quants need one): FILE "
     "from `runner imatrix`, or auto: GGUF_FILE's own, measured now on the shipped set unless already beside it.",
 )  # fmt: skip
+@click.option(
+    "--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE", help="Give the tensors whose name REGEX "
+    "matches this ggml type (as llama-quantize's --tensor-type; repeatable, the first match wins), e.g. "
+    "'ffn_down=Q6_K'. Recorded in the file and its manifest.",
+)  # fmt: skip
 @click.option("--outdir", type=click.Path(file_okay=False, path_type=Path), help="Default: next to GGUF_FILE.")
 @click.option("--threads", type=AT_LEAST_1, help="Default: all cores.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, no summary lines.")
@@ -77,6 +82,7 @@ def quantize(
     quants: tuple[str, ...],
     all_quants: bool,
     imatrix: str | None,
+    tensor_types: tuple[str, ...],
     outdir: Path | None,
     threads: int | None,
     quiet: bool,
@@ -85,17 +91,25 @@ def quantize(
     from planner.disk import for_quantize
     from quantize.imatrix import for_quantize as imatrix_for
     from quantize.ladder import quantize as run_quantize
+    from quantize.ladder import tensor_overrides
     from quantize.progress import Progress
     from runner.retention import after_quantize
 
     chosen = LADDER if all_quants else [q.upper() for q in quants]
     if not chosen:
         raise BadInput("no quant chosen; pass --quant Q8_0 (repeatable) or --all")
+    overrides = []
+    for option in tensor_types:
+        pattern, _, type_name = option.rpartition("=")
+        if not pattern or not type_name:
+            raise BadInput(f"--tensor-type {option}: expected REGEX=TYPE, e.g. ffn_down=Q6_K")
+        overrides.append((pattern, type_name))
+    tensor_overrides(overrides)  # a bad regex or type fails now, before any importance matrix is collected
     if gguf_file.is_file():  # a missing file gets the quantizer's own one-line error
         for_quantize(gguf_file, chosen, outdir).check()
     progress = Progress.stderr(quiet)
     importance = imatrix_for(imatrix, gguf_file, threads, progress) if imatrix else None
-    for path in run_quantize(gguf_file, chosen, outdir, threads, progress, importance):
+    for path in run_quantize(gguf_file, chosen, outdir, threads, progress, importance, overrides):
         click.echo(str(path))
         after_quantize(path, threads, progress)  # measured now when quick (runner.retention), else it says how
 
