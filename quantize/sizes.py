@@ -42,6 +42,7 @@ from pathlib import Path
 import gguf
 
 from quantize.gguf_header import read_header
+from quantize.quants import RAISED_TENSORS
 
 Q = gguf.GGMLQuantizationType
 ALIGNMENT = 32
@@ -106,16 +107,23 @@ def _blocks_fit(qtype: gguf.GGMLQuantizationType, row: int) -> bool:
 
 
 def tensor_types(
-    tensors: list[TensorSpec], quant: str, n_layers: int, n_gqa: int, overrides: Sequence[tuple[str, str]] = ()
+    tensors: list[TensorSpec],
+    quant: str,
+    n_layers: int,
+    n_gqa: int,
+    overrides: Sequence[tuple[str, str]] = (),
+    stock: bool = False,
 ) -> dict[str, gguf.GGMLQuantizationType]:
     """The type llama.cpp's quantizer gives each tensor for QUANT (an ftype name: Q4_K_M, F16, ...).
 
-    OVERRIDES, (regex, type name) pairs as quantize.ladder's `tensor_types`, come first for every tensor it
-    quantizes: the first regex found in the name gives the type (then the row fallback). A tensor so given its
-    type skips the ftype's rules and does not count in their attn_v / ffn_down layer numbering, as in llama.cpp.
+    OVERRIDES, (regex, type name) pairs as quantize.ladder's `tensor_types`, then the quant's RAISED_TENSORS rule
+    (unless STOCK: llama.cpp's own mix), come first for every tensor it quantizes: the first regex found in the
+    name gives the type (then the row fallback). A tensor so given its type skips the ftype's rules and does not
+    count in their attn_v / ffn_down layer numbering, as in llama.cpp.
     """
     base = BASE_TYPE[quant]
-    manual = [(re.compile(rx), Q[name.upper()]) for rx, name in overrides]
+    rule = () if stock else RAISED_TENSORS.get(quant, ())
+    manual = [(re.compile(rx), Q[name.upper()]) for rx, name in [*overrides, *rule]]
     if base in (Q.F32, Q.F16, Q.BF16):
         return {t.name: (t.type if len(t.shape) < 2 or t.type == Q.F32 else base) for t in tensors}
     # llama.cpp visits tensors by layer number (non-layer tensors first), then name.
@@ -201,8 +209,9 @@ def file_bytes(
     n_layers: int,
     n_gqa: int,
     overrides: Sequence[tuple[str, str]] = (),
+    stock: bool = False,
 ) -> int:
-    types = tensor_types(tensors, quant, n_layers, n_gqa, overrides)
+    types = tensor_types(tensors, quant, n_layers, n_gqa, overrides, stock)
     return header_bytes + sum(_pad(nbytes(types[t.name], t.shape)) for t in tensors)
 
 
