@@ -28,12 +28,16 @@ from planner.batching import MIN_TOKEN_BUDGET
 from planner.calibration import CALIBRATED_LAYERS, Calibration, cpu_identity, layer_shape
 from planner.hardware import usable_cores
 from planner.shapes import ModelShape
+from quantize import imatrix
 from quantize.architectures.llama import Llama
 from quantize.ladder import quantize
+from quantize.quants import IQUANTS
 from runner.engine import Engine
 
-# What the preferences choose among (F16 .. Q4_K_M); the rest can be asked for with --quants.
-DEFAULT_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M")
+# What the preferences choose among (F16 .. Q4_K_M, and IQ4_XS once a file of it is measured on the model); the
+# rest can be asked for with --quants. IQ4_XS is made here with a uniform importance matrix: its kernels' speed
+# does not depend on the weights' values.
+DEFAULT_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "IQ4_XS")
 SEQS = 4  # sequences per micro-batch, as packed texts of ~128 tokens
 VOCAB = 3 + 256  # <unk> <s> </s> and the 256 byte tokens: an SPM vocabulary llama.cpp loads
 
@@ -154,7 +158,8 @@ def calibrate(
         for quant in quants:
             if quant != "F16":
                 progress(f"quantizing {quant}")
-            path = f16 if quant == "F16" else quantize(f16, [quant], threads=threads)[0]
+            weights = imatrix.uniform(f16) if quant in IQUANTS else None
+            path = f16 if quant == "F16" else quantize(f16, [quant], threads=threads, importance=weights)[0]
             runs[quant] = _timed_run(stack.enter_context(Engine(path, threads)))
         measured_at = datetime.now().astimezone().isoformat(timespec="seconds")
         load = [os.getloadavg()[0]]

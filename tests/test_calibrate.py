@@ -100,13 +100,15 @@ def test_calibrate_command_measures_and_plan_shows_it(tmp_path) -> None:
     before = run_cli("plan", "-m", "all-minilm-l6-v2", "--cpu", env=env).stdout
     assert "not measured on this machine" in before
     # --force: a shared test machine may be too busy for the repeats to agree (test_a_busy_machine... covers that)
-    args = ("calibrate", "-m", "all-minilm-l6-v2", "--quants", "F16,Q8_0", "--repeats", "2", "--force")
+    # IQ4_XS needs an importance matrix to be made: the calibration's random weights get a uniform one.
+    args = ("calibrate", "-m", "all-minilm-l6-v2", "--quants", "F16,Q8_0,IQ4_XS", "--repeats", "2", "--force")
     out = run_cli(*args, env=env).stdout
-    assert "F16" in out and "Q8_0" in out and str(tmp_path / "calibration.json") in out
+    assert "F16" in out and "IQ4_XS" in out and str(tmp_path / "calibration.json") in out
     entries = json.loads((tmp_path / "calibration.json").read_text())
     (entry,) = entries.values()
-    assert set(entry["tokens_per_s"]) == {"F16", "Q8_0"} and all(v > 0 for v in entry["tokens_per_s"].values())
-    assert set(entry["spread"]) == {"F16", "Q8_0"} and entry["load_average"] >= 0 and entry["measured_at"]
+    timed = {"F16", "Q8_0", "IQ4_XS"}
+    assert set(entry["tokens_per_s"]) == timed and all(v > 0 for v in entry["tokens_per_s"].values())
+    assert set(entry["spread"]) == timed and entry["load_average"] >= 0 and entry["measured_at"]
     doc = json.loads(run_cli("plan", "-m", "all-minilm-l6-v2", "--cpu", "--json", env=env).stdout)
     speeds = {r["quant"]: r["cpu_tokens_per_s"] for r in doc["quants"]}
     assert speeds["F16"] > 0 and speeds["Q8_0"] > 0 and speeds["Q6_K"] is None
@@ -262,7 +264,7 @@ def test_measured_fidelity_outranks_the_ladder_on_8_gib() -> None:
     matrix that measured higher on this model, and a measured i-quant joins the candidates; unmeasured, the ladder
     rules and the i-quants are not candidates."""
     shape = resolve_shape("llama-embed-nemotron-8b")
-    gpu, ram, tight = cpu_machine(64, vram=(8,)), cpu_machine(9.5), cpu_machine(8.5)
+    gpu, ram, tight = cpu_machine(64, vram=(8,)), cpu_machine(9.6), cpu_machine(8.5)
     assert plan(shape, gpu, 4096).chosen.quant == "Q5_K_M"
     assert plan(shape, ram, 4096, prefer="fidelity").chosen.quant == "Q5_K_S"
     assert plan(shape, tight, 4096, prefer="fidelity").chosen.quant == "Q3_K_L"

@@ -125,7 +125,9 @@ def _show_disk(disk) -> None:
 
 @click.command()
 @click.option("-m", "--model", default="llama-embed-nemotron-8b", show_default=True, help="Whose layer shape to time.")
-@click.option("--quants", default="F16,Q8_0,Q6_K,Q5_K_M,Q5_K_S,Q4_K_M", show_default=True, help="Comma-separated.")
+@click.option(
+    "--quants", default="F16,Q8_0,Q6_K,Q5_K_M,Q5_K_S,Q4_K_M,IQ4_XS", show_default=True, help="Comma-separated."
+)
 @click.option(
     "--repeats", type=click.IntRange(2, 20), default=3, show_default=True,
     help="Timed rounds (each quant once per round, in turns).",
@@ -141,12 +143,13 @@ def calibrate(model: str, quants: str, repeats: int, threads: int | None, force:
     from planner import calibration
     from planner.shapes import resolve_shape
     from quantize.errors import UnsteadyTiming
-    from quantize.quants import FIDELITY
+    from quantize.quants import PREFERENCE
     from runner.calibrate import calibrate as run_calibrate
 
     chosen = [q.strip().upper() for q in quants.split(",") if q.strip()]
-    if unknown := [q for q in chosen if q not in FIDELITY]:
-        raise BadInput(f"--quants {','.join(unknown)}: unknown quant; choose from {', '.join(FIDELITY)}")
+    known = ["F16", *PREFERENCE[PREFERENCE.index("Q8_0") :]]
+    if unknown := [q for q in chosen if q not in known]:
+        raise BadInput(f"--quants {','.join(unknown)}: unknown quant; choose from {', '.join(known)}")
     shape = resolve_shape(model)
     steps = 1 + sum(q != "F16" for q in chosen) + repeats  # write, quantize (not F16), then each round
     with tqdm(total=steps, file=sys.stderr, disable=not sys.stderr.isatty(), unit="step") as bar:
