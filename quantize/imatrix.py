@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
 import llama_cpp
@@ -32,9 +33,12 @@ import numpy as np
 from llama_cpp import _ggml
 
 from quantize import gguf_keys
-from quantize.errors import BadInput, CorruptModelFile
+from quantize.errors import BadInput, CorruptModelFile, UserError
 from quantize.files import atomic_path
 from quantize.progress import SILENT, Progress
+
+if TYPE_CHECKING:
+    from planner.hardware import Hardware
 
 CALIBRATION = "imatrix-calibration.jsonl"  # shipped in quantize/data/
 KEY_TYPE = "general.type"
@@ -281,17 +285,50 @@ def auto_path(model: Path) -> Path:
     return model.with_name(f"{model.stem}.imatrix.gguf")
 
 
-def for_quantize(choice: str, source: Path, threads: int | None = None, progress: Progress = SILENT) -> Imatrix:
+def for_quantize(
+    choice: str,
+    source: Path,
+    threads: int | None = None,
+    progress: Progress = SILENT,
+    hardware: Hardware | None = None,
+) -> Imatrix:
     """`--imatrix auto|FILE`: FILE, or SOURCE's own, collected on the shipped set unless one newer than SOURCE is
-    already beside it (a new conversion of SOURCE makes it stale, so it is collected again)."""
+    already beside it (a new conversion of SOURCE makes it stale, so it is collected again). Collected from
+    `collection_source`: SOURCE, or its Q8_0 where SOURCE does not fit in this machine's memory (HARDWARE: tests)."""
     if choice != "auto":
         return load(Path(choice))
     path = auto_path(source)
     if path.is_file() and path.stat().st_mtime >= source.stat().st_mtime:
         progress.say(f"imatrix: reusing {path}")
     else:
-        make(source, threads=threads, progress=progress)
+        make(collection_source(source, threads, progress, hardware), output=path, threads=threads, progress=progress)
     return load(path)
+
+
+COLLECTION_LENGTH = 512  # tokens: the shipped calibration texts are shorter
+
+
+def collection_source(
+    source: Path, threads: int | None = None, progress: Progress = SILENT, hardware: Hardware | None = None
+) -> Path:
+    """SOURCE where the planner fits it in this machine's RAM to embed the calibration set, else its Q8_0 beside
+    it (quantized now if missing; quantizing streams tensors, so it needs little memory): an 8B model at F16 needs
+    about 16 GiB, at Q8_0 about 9. What that costs the matrix: `bench.retention --imatrix-from q8`."""
+    from planner import HardwareOptions, plan_for
+    from quantize.ladder import quantize
+    from quantize.store import quant_path
+
+    on_cpu = HardwareOptions(cpu=True)  # `collect` runs the engine on the CPU
+    try:
+        plan_for(str(source), max_length=COLLECTION_LENGTH, options=on_cpu, hardware=hardware)
+        return source
+    except UserError as too_big:
+        q8 = quant_path(source, "Q8_0")
+        progress.say(f"imatrix: {source.name} does not fit here ({too_big}); collecting from {q8.name} instead")
+    if not q8.is_file():
+        quantize(source, ["Q8_0"], threads=threads, progress=progress)
+    plan_for(str(q8), max_length=COLLECTION_LENGTH, options=on_cpu, hardware=hardware)  # too big too: its error
+    return q8
 
 
 # --- the file ------------------------------------------------------------------------------------
