@@ -278,3 +278,22 @@ def test_auto_collects_from_q8_0_where_f16_does_not_fit(f16, tmp_path) -> None:
     assert imatrix.collection_source(model, hardware=roomy) == model
     with pytest.raises(BadInput):  # nothing fits: the planner's one line
         imatrix.collection_source(model, hardware=Hardware((), 2**30, 2**30, 2, True, "test"))
+
+
+def test_sensitivity_bench_groups_and_ranking(f16) -> None:
+    """bench.tensor_sensitivity: one group per tensor class and per band of layers, each a regex naming only its
+    tensors; rows ranked by the share of the base's loss they remove per added MiB."""
+    import re
+
+    from bench.tensor_sensitivity import Variant, groups, table
+    from quantize.sizes import read_tensors
+
+    names = [t.name for t in read_tensors(f16)[0]]
+    found = dict(groups(f16, ["classes", "layers"], band=1))
+    assert {"attn_v", "ffn_down", "layers 0-0"} <= set(found)
+    assert [n for n in names if re.search(found["attn_v"], n)] == [n for n in names if n.endswith("attn_v.weight")]
+    assert all(n.startswith("blk.0.") for n in names if re.search(found["layers 0-0"], n))
+    base = Variant("base", "", 100.0, 0.99, 0.9, 0.9)
+    rows = [Variant("big", "b", 110.0, 0.995, 0.9, 0.9), Variant("small", "s", 100.5, 0.994, 0.9, 0.9)]
+    lines = table(base, rows, markdown=True).splitlines()
+    assert lines[2].startswith("| base") and lines[3].startswith("| small") and "40.0%" in lines[3]
