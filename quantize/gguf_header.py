@@ -181,6 +181,16 @@ def read_header(path: Path) -> Header:
             raise ValueError(f"general.alignment {alignment} is not a power of two of at least {TENSOR_ALIGNMENT}")
         data_offset = -(-c.tell() // alignment) * alignment
     return Header(
-        metadata, lengths, tensors, data_offset, types, offsets, c.size, distinct, byte_tokens, token_types, spans,
+        metadata,
+        lengths,
+        tensors,
+        data_offset,
+        types,
+        offsets,
+        c.size,
+        distinct,
+        byte_tokens,
+        token_types,
+        spans,
         c.tell(),
     )

@@ -390,15 +390,19 @@ def digest(path: Path) -> str:
 
 def key_values(imatrix: Imatrix) -> dict[str, str | int]:
     """What a quant made with IMATRIX records of it in its GGUF: llama-quantize's keys, and the file's sha256."""
-    values: dict[str, str | int] = {
-        gguf_keys.IMATRIX_FILE: imatrix.file or "(not saved)",
-        gguf_keys.IMATRIX_DATASET: ",".join(imatrix.datasets),
+    values: dict[str, str | int] = {  # strings clipped to the 127 bytes llama.cpp's key/value overrides hold
+        gguf_keys.IMATRIX_FILE: _clip(imatrix.file or "(not saved)"),
+        gguf_keys.IMATRIX_DATASET: _clip(",".join(imatrix.datasets)),
         gguf_keys.IMATRIX_ENTRIES: len(imatrix.sums),
         gguf_keys.IMATRIX_CHUNKS: imatrix.chunk_count,
     }
     if imatrix.sha256:
         values[gguf_keys.IMATRIX_SHA256] = imatrix.sha256
     return values
+
+
+def _clip(text: str, limit: int = 127) -> str:
+    return text.encode()[:limit].decode("utf-8", "ignore")
 
 
 def quantizer_entries(imatrix: Imatrix) -> ctypes.Array:

@@ -121,7 +121,7 @@ def kv_overrides(values: dict[str, str | int]) -> ctypes.Array:
         else:
             text = value.encode()
             if len(text) >= 128:  # llama.cpp's fixed-size string value
-                raise BadInput(f"{key}: {value[:40]}... is over 127 bytes")
+                raise BadInput(f"{key} would be {len(text)} bytes, over the 127 llama.cpp records: shorten it")
             entry.tag, entry.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, text
     return entries
 
