@@ -90,9 +90,10 @@ def main(argv: list[str] | None = None) -> None:
         )
     scale = FULL_LAYERS / args.layers * all_tokens / tokens
     full_bytes = source + (FULL_LAYERS - args.layers) * layer_bytes(f16)
-    floats = collected_tokens * args.layers * (4 * HIDDEN + 2 * HIDDEN + FFN)  # q, k, v, o, gate, up, down inputs
+    # The callback reads each distinct matmul input once: q/k/v's, o's, gate/up's (HIDDEN wide) and down's (FFN).
+    floats = collected_tokens * args.layers * (3 * HIDDEN + FFN)
     host_s_per_float = max(collect_s - plain_s, 0.0) / floats
-    full_floats = all_tokens * FULL_LAYERS * (4 * HIDDEN + 2 * HIDDEN + FFN)
+    full_floats = all_tokens * FULL_LAYERS * (3 * HIDDEN + FFN)
     rows = [
         ("measured", f"{args.layers} layers, {len(texts)} texts, {tokens} tokens"),
         ("embedding run", f"{tokens / plain_s:.1f} tokens/s"),

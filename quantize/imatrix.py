@@ -70,14 +70,17 @@ class Imatrix:
 
     def add(self, name: str, rows: np.ndarray) -> None:
         """Add ROWS (tokens x columns, float32) seen at the input of weight NAME."""
-        squares = np.einsum("ij,ij->j", rows, rows, dtype=np.float64).astype(np.float32)
+        self.add_squares(name, np.einsum("ij,ij->j", rows, rows, dtype=np.float64).astype(np.float32), rows.shape[0])
+
+    def add_squares(self, name: str, squares: np.ndarray, n_rows: int) -> None:
+        """Add the per-column sums of squares of N_ROWS rows seen at the input of weight NAME."""
         if name not in self.sums:
-            self.sums[name] = np.zeros((1, rows.shape[1]), np.float32)
+            self.sums[name] = np.zeros((1, squares.size), np.float32)
             self.counts[name] = np.zeros(1, np.float32)
-        elif self.sums[name].shape[1] != rows.shape[1]:
-            raise CorruptModelFile(f"{name}: inputs {rows.shape[1]} wide after {self.sums[name].shape[1]}")
+        elif self.sums[name].shape[1] != squares.size:
+            raise CorruptModelFile(f"{name}: inputs {squares.size} wide after {self.sums[name].shape[1]}")
         self.sums[name][0] += squares
-        self.counts[name][0] += rows.shape[0]
+        self.counts[name][0] += n_rows
 
     def values(self, name: str) -> np.ndarray:
         """What the quantizer weighs columns by: the mean square per column (1 where no row was seen)."""
@@ -170,6 +173,9 @@ class _Collector:
         self.tensor_get = _ggml.libggml.ggml_backend_tensor_get
         self.tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
+        # The last input read: attn_q, attn_k and attn_v (ffn_gate and ffn_up) multiply the same one, one after
+        # the other; keyed by the input's address, name and shape, which the next different input replaces.
+        self._last: tuple[tuple, np.ndarray, int] | None = None
 
     def _on_tensor(self, t_ptr: int, ask: bool, _user: int) -> bool:
         t = _Tensor.from_address(t_ptr)
@@ -182,11 +188,16 @@ class _Collector:
         if ask:
             return True
         ne, nb = list(src1.ne), list(src1.nb)
-        extent = sum((n - 1) * s for n, s in zip(ne, nb, strict=True)) + 4  # bytes a strided view spans
-        buf = np.empty(extent // 4 + 1, np.float32)
-        self.tensor_get(t.src[1], buf.ctypes.data, 0, extent)
-        view = np.lib.stride_tricks.as_strided(buf, shape=ne[::-1], strides=nb[::-1])
-        self.into.add(name, np.ascontiguousarray(view).reshape(-1, ne[0]))
+        key = (t.src[1], src1.data, bytes(src1.name), tuple(ne), tuple(nb))
+        if self._last is None or self._last[0] != key:
+            extent = sum((n - 1) * s for n, s in zip(ne, nb, strict=True)) + 4  # bytes a strided view spans
+            buf = np.empty(extent // 4 + 1, np.float32)
+            self.tensor_get(t.src[1], buf.ctypes.data, 0, extent)
+            rows = np.ascontiguousarray(np.lib.stride_tricks.as_strided(buf, shape=ne[::-1], strides=nb[::-1]))
+            rows = rows.reshape(-1, ne[0])
+            squares = np.einsum("ij,ij->j", rows, rows, dtype=np.float64).astype(np.float32)
+            self._last = (key, squares, rows.shape[0])
+        self.into.add_squares(name, self._last[1], self._last[2])
         return True
 
 
