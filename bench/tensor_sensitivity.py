@@ -96,7 +96,7 @@ def table(base: Variant, rows: list[Variant], markdown: bool) -> str:
     lines = [cells(base), *(cells(v) for v in ranked)]
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|:---|" + "---:|" * (len(header) - 1)]
-        return "\n".join(out + ["| " + " | ".join(c) + " |" for c in lines])
+        return "\n".join(out + ["| " + " | ".join(c.replace("|", "\\|") for c in x) + " |" for x in lines])
     widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header))]
     aligned = [[c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(x, widths, strict=True))]
                for x in [header, *lines]]  # fmt: skip

@@ -39,6 +39,7 @@ from quantize.progress import SILENT, Progress
 
 if TYPE_CHECKING:
     from planner.hardware import Hardware
+    from planner.policy import Plan
 
 CALIBRATION = "imatrix-calibration.jsonl"  # shipped in quantize/data/
 KEY_TYPE = "general.type"
@@ -207,14 +208,18 @@ def collect(
     dataset: str = CALIBRATION,
     threads: int | None = None,
     progress: Progress = SILENT,
+    gpu: tuple[int, list[float] | None] = (0, None),
 ) -> Imatrix:
-    """Run MODEL (a GGUF, ideally F16) in embedding mode over TEXTS and return its importance matrix."""
+    """Run MODEL (a GGUF, ideally F16) in embedding mode over TEXTS and return its importance matrix. GPU: layers
+    to offload and their split across GPUs (the planner's), as llama-imatrix collects on a GPU: each matmul's
+    input is copied to the host."""
     from runner.engine import Engine
     from runner.pipeline import Pipeline
 
     imatrix = Imatrix(datasets=[dataset])
     collector = _Collector(imatrix)
-    with Engine(model, n_threads=threads) as engine, progress.bar("imatrix", len(texts), unit="text") as bar:
+    engine = Engine(model, n_threads=threads, n_gpu_layers=gpu[0], tensor_split=gpu[1])
+    with engine, progress.bar("imatrix", len(texts), unit="text") as bar:
         engine.eval_callback = collector.callback
         pipeline = Pipeline(engine)
         for batch in _batches(texts):
@@ -277,11 +282,12 @@ def make(
     output: Path | None = None,
     threads: int | None = None,
     progress: Progress = SILENT,
+    gpu: tuple[int, list[float] | None] = (0, None),
 ) -> Path:
     """Collect MODEL's importance matrix over TEXTS (default: the shipped calibration set) and save it to OUTPUT
     (default: `<model stem>.imatrix.gguf` beside MODEL); returns OUTPUT."""
     started = time.perf_counter()
-    importance = collect(Path(model), calibration_texts(texts), dataset_name(texts), threads, progress)
+    importance = collect(Path(model), calibration_texts(texts), dataset_name(texts), threads, progress, gpu)
     path = save(importance, output or auto_path(Path(model)))
     seconds = time.perf_counter() - started
     progress.say(
@@ -312,34 +318,73 @@ def for_quantize(
     if path.is_file() and path.stat().st_mtime >= source.stat().st_mtime:
         progress.say(f"imatrix: reusing {path}")
     else:
-        make(collection_source(source, threads, progress, hardware), output=path, threads=threads, progress=progress)
+        model, plan = collection_source(source, threads, progress, hardware)
+        gpu = (plan.chosen.n_gpu_layers, plan.tensor_split) if plan is not None else (0, None)
+        make(model, output=path, threads=threads, progress=progress, gpu=gpu)
     return load(path)
 
 
 COLLECTION_LENGTH = 512  # tokens: the shipped calibration texts are shorter
 
 
+def collection_plan(source: Path, hardware: Hardware | None = None) -> tuple[str | None, Plan | None]:
+    """Which file to collect SOURCE's matrix from, and where it runs: SOURCE itself (None) where the planner puts it
+    whole on the GPU, or on the CPU of a machine with no GPU to use; else its Q8_0 where that goes whole on the GPU
+    (an 8B model at F16 needs about 16 GiB, at Q8_0 about 9) or SOURCE does not fit at all; else SOURCE, part on
+    the GPU. What collecting from the Q8_0 costs the matrix: `bench.retention --imatrix-from q8`. A type the
+    planner does not size (F32, BF16, an i-quant) gives (None, None): SOURCE as it is, on the CPU."""
+    from planner import plan_for
+    from planner.shapes import file_quant
+
+    try:
+        own_quant = file_quant(source)
+    except UserError:
+        return None, None
+    plans: dict[str | None, Plan] = {}
+    errors: list[UserError] = []
+    for quant in (None, "Q8_0") if own_quant == "F16" else (None,):
+        try:
+            plans[quant] = plan_for(str(source), quant, COLLECTION_LENGTH, hardware=hardware)
+        except UserError as e:
+            errors.append(e)
+    own, q8 = plans.get(None), plans.get("Q8_0")
+    if own is not None and own.chosen.fits in ("gpu", "cpu"):
+        return None, own
+    if q8 is not None and (own is None or q8.chosen.fits == "gpu"):
+        return "Q8_0", q8
+    if own is not None:
+        return None, own
+    raise errors[0]
+
+
+def placement(model: Path, hardware: Hardware | None = None) -> tuple[int, list[float] | None]:
+    """GPU layers and split for collecting from MODEL as it is (`runner imatrix -m`): the planner's placement, or
+    the CPU where the planner does not size or fit it (llama.cpp then tries)."""
+    from planner import plan_for
+
+    try:
+        plan = plan_for(str(model), None, COLLECTION_LENGTH, hardware=hardware)
+    except UserError:
+        return 0, None
+    return plan.chosen.n_gpu_layers, plan.tensor_split
+
+
 def collection_source(
     source: Path, threads: int | None = None, progress: Progress = SILENT, hardware: Hardware | None = None
-) -> Path:
-    """SOURCE where the planner fits it in this machine's RAM to embed the calibration set, else its Q8_0 beside
-    it (quantized now if missing; quantizing streams tensors, so it needs little memory): an 8B model at F16 needs
-    about 16 GiB, at Q8_0 about 9. What that costs the matrix: `bench.retention --imatrix-from q8`."""
-    from planner import HardwareOptions, plan_for
+) -> tuple[Path, Plan | None]:
+    """`collection_plan`'s file (the Q8_0 beside SOURCE, quantized now if missing: quantizing streams tensors, so
+    it needs little memory) and its plan."""
     from quantize.ladder import quantize
     from quantize.store import quant_path
 
-    on_cpu = HardwareOptions(cpu=True)  # `collect` runs the engine on the CPU
-    try:
-        plan_for(str(source), max_length=COLLECTION_LENGTH, options=on_cpu, hardware=hardware)
-        return source
-    except UserError as too_big:
-        q8 = quant_path(source, "Q8_0")
-        progress.say(f"imatrix: {source.name} does not fit here ({too_big}); collecting from {q8.name} instead")
+    quant, plan = collection_plan(source, hardware)
+    if quant is None:
+        return source, plan
+    q8 = quant_path(source, quant)
+    progress.say(f"imatrix: {source.name} does not fit this machine as well as its Q8_0; collecting from {q8.name}")
     if not q8.is_file():
-        quantize(source, ["Q8_0"], threads=threads, progress=progress)
-    plan_for(str(q8), max_length=COLLECTION_LENGTH, options=on_cpu, hardware=hardware)  # too big too: its error
-    return q8
+        quantize(source, [quant], threads=threads, progress=progress)
+    return q8, plan
 
 
 # --- the file ------------------------------------------------------------------------------------

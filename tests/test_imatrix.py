@@ -254,30 +254,37 @@ def test_cli_tensor_type(f16, tmp_path) -> None:
 
 def test_auto_collects_from_q8_0_where_f16_does_not_fit(f16, tmp_path) -> None:
     """--imatrix auto on a machine whose RAM holds the Q8_0 but not the F16: the matrix comes from the Q8_0
-    (made beside it), and the quant is made from the F16 with it."""
+    (made beside it), and the quant is made from the F16 with it. With a GPU, the Q8_0 wins where it goes whole on
+    the GPU and the F16 would not; the F16 wins where it does."""
     import shutil
 
     from planner import plan_for
-    from planner.hardware import Hardware
+    from planner.hardware import Gpu, Hardware
     from quantize.progress import Progress
     from quantize.store import quant_path
 
     model = tmp_path / "hf-F16.gguf"
     shutil.copyfile(f16, model)
     roomy = Hardware((), 64 * 2**30, 64 * 2**30, 2, True, "test")
-    need = {
-        q: plan_for(str(f16), q, imatrix.COLLECTION_LENGTH, hardware=roomy).chosen.needs.ram for q in ("F16", "Q8_0")
-    }
-    ram = (need["F16"] + need["Q8_0"]) // 2 + 2**30  # the planner keeps 1 GiB back
+    need = {q: plan_for(str(f16), q, imatrix.COLLECTION_LENGTH, hardware=roomy).chosen.needs for q in ("F16", "Q8_0")}
+    ram = (need["F16"].ram + need["Q8_0"].ram) // 2 + 2**30  # the planner keeps 1 GiB back
     tight = Hardware((), ram, ram, 2, True, "test")
     said: list[str] = []
     found = imatrix.for_quantize("auto", model, progress=Progress(say=said.append), hardware=tight)
     q8 = quant_path(model, "Q8_0")
     assert q8.is_file() and any(f"collecting from {q8.name}" in line for line in said), said
     assert imatrix.auto_path(model).is_file() and set(found.sums) == set(imatrix.load(imatrix.auto_path(model)).sums)
-    assert imatrix.collection_source(model, hardware=roomy) == model
+    assert imatrix.collection_plan(model, roomy)[0] is None
+    big_gpu = Hardware((Gpu(0, "test", 64 * 2**30, 64 * 2**30),), 64 * 2**30, 64 * 2**30, 2, True, "test")
+    on_gpu = {q: plan_for(str(f16), q, imatrix.COLLECTION_LENGTH, hardware=big_gpu).chosen.needs for q in need}
+    vram = (on_gpu["F16"].gpu_total + on_gpu["Q8_0"].gpu_total) // 2 + 2**30
+    small_gpu = Hardware((Gpu(0, "test", vram, vram),), 64 * 2**30, 64 * 2**30, 2, True, "test")
+    quant, plan = imatrix.collection_plan(model, small_gpu)
+    assert quant == "Q8_0" and plan.chosen.fits == "gpu"
+    quant, plan = imatrix.collection_plan(model, big_gpu)
+    assert quant is None and plan.chosen.fits == "gpu" and plan.chosen.n_gpu_layers > 0
     with pytest.raises(BadInput):  # nothing fits: the planner's one line
-        imatrix.collection_source(model, hardware=Hardware((), 2**30, 2**30, 2, True, "test"))
+        imatrix.collection_plan(model, Hardware((), 2**30, 2**30, 2, True, "test"))
 
 
 def test_sensitivity_bench_groups_and_ranking(f16) -> None:

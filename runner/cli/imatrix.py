@@ -21,8 +21,10 @@ from runner.cli.options import AT_LEAST_1
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary line.")
 def imatrix(model: Path, texts: Path | None, output: Path | None, threads: int | None, quiet: bool) -> None:
     """Run MODEL in embedding mode over calibration texts and save its importance matrix in llama.cpp's imatrix
-    GGUF format (`runner quantize --imatrix FILE` and `llama-quantize --imatrix FILE` read it); prints its path."""
-    from quantize.imatrix import make
+    GGUF format (`runner quantize --imatrix FILE` and `llama-quantize --imatrix FILE` read it); prints its path.
+    MODEL runs where the planner places it (on the GPU where it fits)."""
+    from quantize.imatrix import make, placement
     from quantize.progress import Progress
 
-    click.echo(str(make(model, texts, output, threads, Progress.stderr(quiet))))
+    where = placement(model) if model.is_file() else (0, None)  # a missing file gets make's one-line error
+    click.echo(str(make(model, texts, output, threads, Progress.stderr(quiet), where)))
