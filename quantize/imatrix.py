@@ -387,6 +387,19 @@ def collection_source(
     return q8, plan
 
 
+def uniform(model: Path) -> Imatrix:
+    """An importance matrix that weighs every column alike, for MODEL's layer weights: what the i-quants need to
+    be made at all where only their kernels' speed matters (runner calibrate's random weights), not fidelity."""
+    from quantize.sizes import read_tensors
+
+    out = Imatrix(datasets=["uniform"], chunk_count=1, chunk_size=1)
+    for t in read_tensors(Path(model))[0]:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            out.sums[t.name] = np.ones((1, t.row), np.float32)
+            out.counts[t.name] = np.ones(1, np.float32)
+    return out
+
+
 # --- the file ------------------------------------------------------------------------------------
 def save(imatrix: Imatrix, path: Path) -> Path:
     """Write IMATRIX to PATH in llama.cpp's imatrix GGUF format (atomically); returns PATH."""
