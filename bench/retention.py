@@ -136,6 +136,13 @@ IMATRIX_KINDS = {
 }
 
 
+def prepared(model: str, workdir: Path) -> Path:
+    """MODEL's F16 GGUF in WORKDIR (made once, with its HF checkpoint)."""
+    workdir = workdir.expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    return f16_gguf(hf_dir(workdir, model), workdir / "gguf")
+
+
 def quant_files(
     f16: Path,
     quants: list[str],
@@ -297,10 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     started = time.perf_counter()
-    workdir: Path = args.workdir.expanduser().resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-
-    f16 = f16_gguf(hf_dir(workdir, args.model), workdir / "gguf")
+    f16 = prepared(args.model, args.workdir)
     texts = corpus(args.texts)
     runs = []
     for mix in args.mix:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.retention import embed, f16_gguf, hf_dir, importance_of, log, neighbours, overlap
+from bench.retention import embed, importance_of, log, neighbours, overlap, prepared
 from quantize.ladder import quantize
 from quantize.progress import Progress
 from quantize.quants import QUANTS
@@ -126,9 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     started = time.perf_counter()
-    workdir: Path = args.workdir.expanduser().resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    f16 = f16_gguf(hf_dir(workdir, args.model), workdir / "gguf")
+    f16 = prepared(args.model, args.workdir)
+    workdir = f16.parent.parent
     texts = corpus(args.texts)
     importance = None if args.no_imatrix else importance_of(f16, texts)
     outdir = workdir / "sensitivity" / ("plain" if args.no_imatrix else "imatrix")
