@@ -27,11 +27,10 @@ from pathlib import Path
 from planner.shapes import ModelShape
 from quantize.files import models_home, write_text_atomic
 from quantize.gguf_check import MAX_LAYERS
-from quantize.quants import QUANTS
+from quantize.quants import SIZED
 
 log = logging.getLogger("runner")
 
-TIMED = ("F16", *QUANTS)  # what a calibration may time: F16, the ladder and the i-quants
 CALIBRATED_LAYERS = 2  # with 2 layers, Q4_K_M/Q5_K_M's "more bits" layers are 1 in 2, as in 32-layer models
 # The ISA features that pick llama.cpp's CPU kernels; other flags do not change which code runs.
 ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
@@ -152,7 +151,7 @@ def _checked_conditions(entry: dict) -> tuple[dict[str, float], str | None, floa
     or a ValueError saying what is wrong."""
     spread = entry.get("spread", {})
     if not isinstance(spread, dict) or not all(
-        q in TIMED and _number(v) and 0 <= v <= MAX_TOKENS_PER_S for q, v in spread.items()
+        q in SIZED and _number(v) and 0 <= v <= MAX_TOKENS_PER_S for q, v in spread.items()
     ):
         raise ValueError("spread is not a table of quants to fractions")
     measured_at = entry.get("measured_at")
@@ -181,7 +180,7 @@ def _checked(entry: object) -> tuple[int, dict[str, float]]:
         raise ValueError(f"layers {str(layers)[:20]!r} is not a whole number from 1 to {MAX_LAYERS}")
     speeds = {}
     for quant, rate in entry["tokens_per_s"].items():
-        if quant not in TIMED:
+        if quant not in SIZED:
             raise ValueError(f"{quant[:20]!r} is not a quant")
         if not isinstance(rate, int | float) or isinstance(rate, bool) or not 0 < rate <= MAX_TOKENS_PER_S:
             raise ValueError(f"{quant} at {str(rate)[:20]} tokens/s is not above 0 and at most {MAX_TOKENS_PER_S:g}")

@@ -32,7 +32,7 @@ from planner.hardware import NO_OFFLOAD, Hardware
 from planner.memory import Needs, Settings, needs
 from planner.shapes import ModelShape
 from quantize.errors import BadInput
-from quantize.quants import FIDELITY, QUANTS
+from quantize.quants import FIDELITY, SIZED
 
 if TYPE_CHECKING:
     from planner.calibration import Calibration
@@ -196,7 +196,7 @@ def plan(
     speeds = cpu_speeds or {}
     kept = {**(retention or {}), "F16": 1.0}
     # The ladder, and the i-quants this model has measured files of, by bits per weight.
-    order = [q for q in ["F16", *QUANTS] if q in FIDELITY or q in kept]
+    order = [q for q in SIZED if q in FIDELITY or q in kept]
     rows = tuple(
         replace(evaluate(shape, q, hw, s), cpu_tokens_per_s=speeds.get(q), retention=kept.get(q)) for q in order
     )
@@ -209,11 +209,10 @@ def plan(
 
     cannot_offload = bool(hw.gpus) and not hw.offload
     if quant:
-        everything = ["F16", *QUANTS]
-        quant = _check(quant, "--quant", everything)
+        quant = _check(quant, "--quant", SIZED)
         row = by_quant.get(quant) or evaluate(shape, quant, hw, s)
         if row.fits == "no":
-            lower = [r.quant for r in rows if r.fits != "no" and everything.index(r.quant) > everything.index(quant)]
+            lower = [r.quant for r in rows if r.fits != "no" and SIZED.index(r.quant) > SIZED.index(quant)]
             raise BadInput(_no_fit(shape, row, hw, s, f"try --quant {lower[0]}" if lower else SHORTER))
         return done(row, f"{quant} was asked for" + (f"; {NO_OFFLOAD}" if cannot_offload else ""))
     hi = order.index(_check(max_quant, "--max-quant", order)) if max_quant else 0

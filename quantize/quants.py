@@ -16,6 +16,8 @@ FIDELITY = ["F16", *LADDER]
 UNQUANTIZED = ["F32", "F16", "BF16"]
 # Every quant, by bits per weight on the 8B shape, highest first (the i-quants between the K-quants of their size).
 QUANTS = [*LADDER[:6], "IQ4_XS", "Q3_K_L", "Q3_K_M", "IQ3_M", "Q3_K_S", "IQ3_XXS", "Q2_K", "IQ2_M"]
+# F16 and every quant, by bits per weight: what the planner can size and a calibration can time.
+SIZED = ["F16", *QUANTS]
 # Highest fidelity first: what `-m DIR` picks when no --quant is given.
 PREFERENCE = [*UNQUANTIZED, *QUANTS]
 # Tensors this project's quants keep at a higher type than llama.cpp's mix gives them, as (regex, type) overrides

@@ -143,13 +143,12 @@ def calibrate(model: str, quants: str, repeats: int, threads: int | None, force:
     from planner import calibration
     from planner.shapes import resolve_shape
     from quantize.errors import UnsteadyTiming
-    from quantize.quants import PREFERENCE
+    from quantize.quants import SIZED
     from runner.calibrate import calibrate as run_calibrate
 
     chosen = [q.strip().upper() for q in quants.split(",") if q.strip()]
-    known = ["F16", *PREFERENCE[PREFERENCE.index("Q8_0") :]]
-    if unknown := [q for q in chosen if q not in known]:
-        raise BadInput(f"--quants {','.join(unknown)}: unknown quant; choose from {', '.join(known)}")
+    if unknown := [q for q in chosen if q not in SIZED]:
+        raise BadInput(f"--quants {','.join(unknown)}: unknown quant; choose from {', '.join(SIZED)}")
     shape = resolve_shape(model)
     steps = 1 + sum(q != "F16" for q in chosen) + repeats  # write, quantize (not F16), then each round
     with tqdm(total=steps, file=sys.stderr, disable=not sys.stderr.isatty(), unit="step") as bar:
