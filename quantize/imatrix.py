@@ -17,7 +17,6 @@ Dense models only: MUL_MAT_ID (mixture-of-experts) is not collected, as no embed
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import math
 import time
@@ -34,7 +33,7 @@ from llama_cpp import _ggml
 
 from quantize import gguf_keys
 from quantize.errors import BadInput, CorruptModelFile, UserError
-from quantize.files import atomic_path
+from quantize.files import atomic_path, sha256
 from quantize.progress import SILENT, Progress
 
 if TYPE_CHECKING:
@@ -68,10 +67,6 @@ class Imatrix:
     chunk_size: int = 0
     file: str | None = None  # the file it was loaded from (its name) and that file's sha256
     sha256: str | None = None
-
-    def add(self, name: str, rows: np.ndarray) -> None:
-        """Add ROWS (tokens x columns, float32) seen at the input of weight NAME."""
-        self.add_squares(name, np.einsum("ij,ij->j", rows, rows, dtype=np.float64).astype(np.float32), rows.shape[0])
 
     def add_squares(self, name: str, squares: np.ndarray, n_rows: int) -> None:
         """Add the per-column sums of squares of N_ROWS rows seen at the input of weight NAME."""
@@ -310,8 +305,8 @@ def for_quantize(
     hardware: Hardware | None = None,
 ) -> Imatrix:
     """`--imatrix auto|FILE`: FILE, or SOURCE's own, collected on the shipped set unless one newer than SOURCE is
-    already beside it (a new conversion of SOURCE makes it stale, so it is collected again). Collected from
-    `collection_source`: SOURCE, or its Q8_0 where SOURCE does not fit in this machine's memory (HARDWARE: tests)."""
+    already beside it (a new conversion of SOURCE makes it stale, so it is collected again), from the file and on
+    the devices `collection_plan` chooses (HARDWARE: tests)."""
     if choice != "auto":
         return load(Path(choice))
     path = auto_path(source)
@@ -319,8 +314,7 @@ def for_quantize(
         progress.say(f"imatrix: reusing {path}")
     else:
         model, plan = collection_source(source, threads, progress, hardware)
-        gpu = (plan.chosen.n_gpu_layers, plan.tensor_split) if plan is not None else (0, None)
-        make(model, output=path, threads=threads, progress=progress, gpu=gpu)
+        make(model, output=path, threads=threads, progress=progress, gpu=_on_gpus(plan))
     return load(path)
 
 
@@ -363,10 +357,14 @@ def placement(model: Path, hardware: Hardware | None = None) -> tuple[int, list[
     from planner import plan_for
 
     try:
-        plan = plan_for(str(model), None, COLLECTION_LENGTH, hardware=hardware)
+        return _on_gpus(plan_for(str(model), None, COLLECTION_LENGTH, hardware=hardware))
     except UserError:
         return 0, None
-    return plan.chosen.n_gpu_layers, plan.tensor_split
+
+
+def _on_gpus(plan: Plan | None) -> tuple[int, list[float] | None]:
+    """`collect`'s GPU argument from PLAN: its GPU layers and their split; none without a plan."""
+    return (plan.chosen.n_gpu_layers, plan.tensor_split) if plan is not None else (0, None)
 
 
 def collection_source(
@@ -437,7 +435,7 @@ def load(path: Path) -> Imatrix:
         chunk_count=int(fields[KEY_CHUNK_COUNT].contents()),
         chunk_size=int(fields[KEY_CHUNK_SIZE].contents()),
         file=Path(path).name,
-        sha256=digest(path),
+        sha256=sha256(path),
     )
     tensors = {t.name: np.array(t.data, np.float32) for t in reader.tensors}
     for key, data in tensors.items():
@@ -451,10 +449,6 @@ def load(path: Path) -> Imatrix:
     if not out.sums:
         raise BadInput(f"--imatrix {path}: holds no importance data")
     return out
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def key_values(imatrix: Imatrix) -> dict[str, str | int]:

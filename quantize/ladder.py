@@ -64,7 +64,7 @@ def quantize(
     tensors = {t.name: nbytes(t.type, t.shape) for t in read_tensors(source)[0]}
     entries = imatrix.quantizer_entries(importance) if importance else None
     tensor_overrides(tensor_types)  # a bad regex or type fails before the first file
-    made_with = {**(imatrix.key_values(importance) if importance else {})}
+    made_with = imatrix.key_values(importance) if importance else {}
     if tensor_types:
         made_with[gguf_keys.TENSOR_TYPES] = ",".join(f"{rx}={name.upper()}" for rx, name in tensor_types)
     key_values = kv_overrides(made_with)

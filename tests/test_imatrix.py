@@ -214,12 +214,13 @@ def test_cli_quantize_imatrix_auto_collects_once(f16, tmp_path) -> None:
     second = run_cli("quantize", str(model), "--quant", "IQ4_XS", "--imatrix", "auto")
     assert f"imatrix: reusing {kept}" in second.stderr
     # The quant and the manifest name the matrix: llama-quantize's keys and its sha256.
+    from quantize.files import sha256
     from quantize.manifest import entries, read_metadata
 
     recorded = entries(tmp_path)["hf-IQ4_XS.gguf"]["imatrix"]
     assert recorded == {
         "file": kept.name,
-        "sha256": imatrix.digest(kept),
+        "sha256": sha256(kept),
         "datasets": [imatrix.CALIBRATION],
         "chunks": len(shipped),
         "weights": len(imatrix.load(kept).sums),
