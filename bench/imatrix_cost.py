@@ -113,10 +113,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def layer_bytes(f16: Path) -> int:
-    """Bytes of one repeating layer of the F16 file."""
-    from quantize.sizes import nbytes, read_tensors
+    """Bytes of one repeating layer of the F16 file (quantize.sizes, as the planner counts them)."""
+    from planner.shapes import from_gguf
+    from quantize import sizes
 
-    return sum(nbytes(t.type, t.shape) for t in read_tensors(f16)[0] if t.name.startswith("blk.0."))
+    shape = from_gguf(f16)
+    return sizes.layer_bytes(list(shape.tensors), "F16", shape.layers, shape.n_gqa)[0][0]
 
 
 if __name__ == "__main__":
