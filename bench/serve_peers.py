@@ -1,15 +1,23 @@
 """`runner serve` against the other OpenAI-compatible embedding servers, the same loads interleaved, on loopback.
 
-    python -m bench.serve_peers [-m all-minilm-l6-v2] [--threads N] [--budget 420]
+    python -m bench.serve_peers [-m all-minilm-l6-v2] [--threads N] [--budget 420] [--infinity-python PATH]
 
 The servers, each started once and all left running (idle ones cost nothing), on the same GGUF where they read one:
 - `runner serve -m MODEL`;
 - llama-cpp-python's own server, `python -m llama_cpp.server --model GGUF --embedding true` (the same engine
   build; its HTTP extras are not project dependencies: `pip install pydantic-settings sse-starlette
   starlette-context`, else its rows say skipped);
-- Infinity (`infinity_emb v2`, torch) on the model's Hugging Face checkpoint, only when `infinity_emb` is
-  importable (its pins of transformers and sentence-transformers are older than the test extra's, so it is no
-  dependency here: install it in a venv of its own and put its `infinity_emb` on PATH).
+- Infinity (`infinity_emb v2`, torch, `--url-prefix /v1`) on the model's Hugging Face checkpoint, run by
+  INFINITY_PYTHON (`--infinity-python`; default: this Python, when it can import `infinity_emb`), its torch held
+  to the same threads (OMP_NUM_THREADS). Its pins of transformers and sentence-transformers are older than the
+  test extra's, so it is no dependency here; a venv of its own, outside the repo (torch first, the test extra's
+  pin, which infinity-emb 0.0.78 accepts; pip then picks transformers 4.57 and sentence-transformers 3.4 there):
+
+      python3.11 -m venv ../infinity-venv
+      ../infinity-venv/bin/pip install torch==2.13.0
+      ../infinity-venv/bin/pip install "infinity-emb[torch,server]==0.0.78"
+      python -m bench.serve_peers --infinity-python ../infinity-venv/bin/python
+
 The loads, over `tests.corpus` texts (seed 0), each run against every server before the next load starts:
 1. one client sending one text per request;
 2. 16 clients sending one text per request;
@@ -26,9 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -74,12 +80,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_peer(name: str, cmd: list[str], port: int, logfile: Path, probe: str) -> Peer:
-    """CMD started and polled on PROBE (a GET path) until it answers 200, for up to 10 minutes."""
+def start_peer(name: str, cmd: list[str], port: int, logfile: Path, probe: str, env: dict | None = None) -> Peer:
+    """CMD started (ENV: more environment variables) and polled on PROBE (a GET path) until it answers 200, for up
+    to 10 minutes."""
     import httpx
 
     with open(logfile, "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     peer = Peer(name, f"http://127.0.0.1:{port}", proc)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
@@ -109,18 +116,21 @@ def llama_cpp_server(gguf: Path, threads: int, max_length: int, tmp: Path) -> Pe
     return start_peer(name, cmd, port, tmp / "llama_cpp_server.log", "/v1/models")
 
 
-def infinity_server(checkpoint: Path | None, tmp: Path) -> Peer:
+def infinity_server(python: str, checkpoint: Path | None, threads: int, tmp: Path) -> Peer:
+    """Infinity run by PYTHON (an interpreter that imports infinity_emb) on CHECKPOINT, torch on THREADS threads."""
     name = "Infinity (torch)"
-    exe = shutil.which("infinity_emb")
-    if importlib.util.find_spec("infinity_emb") is None and exe is None:
-        return Peer(name, skipped="skipped: pip install infinity-emb[torch,server] (in a venv of its own)")
+    check = subprocess.run([python, "-c", "import infinity_emb.cli"], capture_output=True, text=True)
+    if check.returncode != 0:
+        missing = (check.stderr.strip().splitlines() or ["?"])[-1]
+        return Peer(name, skipped=f"skipped ({python}: {missing}): see --help for its venv and --infinity-python")
     if checkpoint is None:
         return Peer(name, skipped="skipped: no Hugging Face checkpoint of this model on this machine")
     port = free_port()
-    cmd = [exe] if exe else [sys.executable, "-m", "infinity_emb.infinity_server"]
-    cmd += ["v2", "--model-id", str(checkpoint), "--port", str(port), "--engine", "torch", "--device", "cpu"]
-    cmd += ["--no-bettertransformer"]
-    return start_peer(name, cmd, port, tmp / "infinity.log", "/health")
+    cmd = [python, "-m", "infinity_emb.cli", "v2", "--model-id", str(checkpoint), "--engine", "torch"]
+    cmd += ["--device", "cpu", "--no-bettertransformer", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--url-prefix", "/v1", "--log-level", "warning"]
+    env = {"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1"}
+    return start_peer(name, cmd, port, tmp / "infinity.log", "/health", env)
 
 
 def hf_checkpoint(model: str) -> Path | None:
@@ -151,6 +161,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="Engine threads of every server and offline (default: physical cores).")
     ap.add_argument("--budget", type=float, default=420.0, help="About how many seconds the loads may take.")
     ap.add_argument("--max-texts", type=int, default=640, help="Texts per load at most.")
+    ap.add_argument(
+        "--infinity-python",
+        default=sys.executable,
+        help="The Python of Infinity's venv, e.g. ../infinity-venv/bin/python (default: this one).",
+    )
     args = ap.parse_args()
     # One thread count for all: llama-cpp-python's server would take half the logical CPUs, runner serve the
     # physical cores, and on a shared machine that difference alone decides the ranking.
@@ -172,7 +187,7 @@ def main() -> None:
             ours = Server(args.model, ["--threads", str(args.threads)], tmp / "runner.log")
             peers.append(Peer("runner serve", ours.url, ours.proc))
             peers.append(llama_cpp_server(gguf, args.threads, max_length, tmp))
-            peers.append(infinity_server(hf_checkpoint(args.model), tmp))
+            peers.append(infinity_server(args.infinity_python, hf_checkpoint(args.model), args.threads, tmp))
             running = [p for p in peers if not p.skipped]
             for peer in running:  # warm-up: the first decode allocates
                 asyncio.run(load(peer.url, "warm-up", texts, [(0, 8)], 1, 60, reference.shape[1]))
