@@ -35,6 +35,8 @@ CALIBRATED_LAYERS = 2  # with 2 layers, Q4_K_M/Q5_K_M's "more bits" layers are 1
 # The ISA features that pick llama.cpp's CPU kernels; other flags do not change which code runs.
 ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
              "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve", "i8mm")  # fmt: skip
+# The ISA flags of BF16 units, which llama.cpp's BF16 kernels use (AVX512-BF16's dot products, AMX's tiles).
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # Tokens/s over the timed layers above which a cache entry is not a measurement: CPUs manage thousands.
 MAX_TOKENS_PER_S = 1e9
 # The most a quant's repeats may disagree ((fastest - slowest) / median) for a calibration to be cached: on a
@@ -66,6 +68,12 @@ def cpu_identity(threads: int) -> dict[str, object]:
         "threads": threads,
         "llama_cpp_python": version,
     }
+
+
+def has_bf16_units(identity: dict[str, object]) -> bool:
+    """Whether the CPU a calibration identity describes (cpu_identity) has BF16 units: where BF16 is worth timing."""
+    isa = identity.get("isa")
+    return isinstance(isa, list) and any(f in isa for f in BF16_FLAGS)
 
 
 def layer_shape(shape: ModelShape) -> dict[str, int]:

@@ -14,10 +14,13 @@ IQUANTS = ["IQ4_XS", "IQ3_M", "IQ3_XXS", "IQ2_M"]
 FIDELITY = ["F16", *LADDER]
 # The unquantized types a converted file can have; any of them is a source for the ladder.
 UNQUANTIZED = ["F32", "F16", "BF16"]
+# What a plan can pick without a measurement of the model's own files: FIDELITY, and BF16 beside F16 (the same bytes)
+# for a model whose published weights are bfloat16, which a BF16 file holds exactly (planner.policy says when).
+PLANNED = ["F16", "BF16", *LADDER]
 # Every quant, by bits per weight on the 8B shape, highest first (the i-quants between the K-quants of their size).
 QUANTS = [*LADDER[:6], "IQ4_XS", "Q3_K_L", "Q3_K_M", "IQ3_M", "Q3_K_S", "IQ3_XXS", "Q2_K", "IQ2_M"]
-# F16 and every quant, by bits per weight: what the planner can size and a calibration can time.
-SIZED = ["F16", *QUANTS]
+# F16, BF16 and every quant, by bits per weight: what the planner can size and a calibration can time.
+SIZED = ["F16", "BF16", *QUANTS]
 # Highest fidelity first: what `-m DIR` picks when no --quant is given.
 PREFERENCE = [*UNQUANTIZED, *QUANTS]
 # Tensors this project's quants keep at a higher type than llama.cpp's mix gives them, as (regex, type) overrides

@@ -2,7 +2,8 @@
 
 Writes a synthetic GGUF of CALIBRATED_LAYERS layers of the model's shape (random F16 weights written
 directly with gguf-py, the family class's own tensor layout, a 259-token vocabulary so the embedding
-table is tiny), quantizes it with llama.cpp's quantizer, then times the engine on full micro-batches of
+table is tiny), quantizes it with llama.cpp's quantizer (BF16, an unquantized type llama.cpp's quantizer would
+only reach through a lossy F16 detour, is written directly the same way), then times the engine on full micro-batches of
 token ids for each quant, every file loaded and warmed up first, then REPEATS rounds in turns (F16, Q8_0, ...,
 F16, Q8_0, ...), so that load which comes and goes on a shared machine falls on every quant alike: the median
 per quant, and how far its repeats disagree (`runner calibrate` refuses to cache a result past
@@ -25,25 +26,33 @@ import gguf
 import numpy as np
 
 from planner.batching import MIN_TOKEN_BUDGET
-from planner.calibration import CALIBRATED_LAYERS, Calibration, cpu_identity, layer_shape
+from planner.calibration import CALIBRATED_LAYERS, Calibration, cpu_identity, has_bf16_units, layer_shape
 from planner.hardware import usable_cores
 from planner.shapes import ModelShape
 from quantize import imatrix
 from quantize.architectures.llama import Llama
+from quantize.convert import OUTTYPES
 from quantize.ladder import quantize
 from quantize.quants import IQUANTS
 from runner.engine import Engine
 
 # What the preferences choose among (F16 .. Q4_K_M, and IQ4_XS once a file of it is measured on the model); the
 # rest can be asked for with --quants. IQ4_XS is made here with a uniform importance matrix: its kernels' speed
-# does not depend on the weights' values.
+# does not depend on the weights' values. BF16 joins them where the CPU has BF16 units (default_quants).
 DEFAULT_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "IQ4_XS")
 SEQS = 4  # sequences per micro-batch, as packed texts of ~128 tokens
 VOCAB = 3 + 256  # <unk> <s> </s> and the 256 byte tokens: an SPM vocabulary llama.cpp loads
 
 
-def synthetic_gguf(path: Path, shape: ModelShape, layers: int = CALIBRATED_LAYERS) -> Path:
-    """An F16 llama-embed GGUF with SHAPE's layer (hidden, FFN, heads, KV heads), LAYERS deep, random weights."""
+def default_quants(identity: dict[str, object]) -> tuple[str, ...]:
+    """What `runner calibrate` times on the CPU IDENTITY describes (planner.calibration.cpu_identity): DEFAULT_QUANTS,
+    and BF16 after F16 where the CPU has BF16 units (elsewhere llama.cpp runs BF16 too, slower: --quants BF16)."""
+    return ("F16", "BF16", *DEFAULT_QUANTS[1:]) if has_bf16_units(identity) else DEFAULT_QUANTS
+
+
+def synthetic_gguf(path: Path, shape: ModelShape, layers: int = CALIBRATED_LAYERS, outtype: str = "F16") -> Path:
+    """An F16 (or BF16, OUTTYPE) llama-embed GGUF with SHAPE's layer (hidden, FFN, heads, KV heads), LAYERS deep,
+    random weights."""
     config = {
         "architectures": ["LlamaModel"],
         "hidden_size": shape.hidden,
@@ -55,11 +64,15 @@ def synthetic_gguf(path: Path, shape: ModelShape, layers: int = CALIBRATED_LAYER
         "max_position_embeddings": 4096,
     }
     family = Llama(config, "calibration")
+    ftype, qtype = OUTTYPES[outtype.lower()]
     rng = np.random.default_rng(0)
-    block = (rng.standard_normal(1 << 16) * 0.02).astype(np.float16)  # tiled: speed does not care for values
+    values = (rng.standard_normal(1 << 16) * 0.02).astype(np.float32)  # tiled: speed does not care for values
+    # gguf-py writes BF16 as raw 16-bit words (its rounding of the float32 values); F16 as numpy's float16.
+    bf16 = qtype == gguf.GGMLQuantizationType.BF16
+    block = gguf.quants.quantize(values, qtype).view(np.uint16) if bf16 else values.astype(np.float16)
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[family.gguf_arch])
     w.add_name("calibration")
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(ftype)
     family.write_hparams(w)
     w.add_pooling_type(gguf.PoolingType.MEAN)
     w.add_tokenizer_model("llama")
@@ -74,10 +87,9 @@ def synthetic_gguf(path: Path, shape: ModelShape, layers: int = CALIBRATED_LAYER
     for spec in family.tensor_specs():
         n = int(np.prod(spec.shape))
         if spec.type == gguf.GGMLQuantizationType.F32:
-            data = np.ones(spec.shape, dtype=np.float32)
+            w.add_tensor(spec.name, np.ones(spec.shape, dtype=np.float32))
         else:
-            data = np.resize(block, n).reshape(spec.shape)
-        w.add_tensor(spec.name, data)
+            w.add_tensor(spec.name, np.resize(block, n).reshape(spec.shape), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -141,7 +153,7 @@ def spread(rates: list[float]) -> float:
 
 def calibrate(
     shape: ModelShape,
-    quants: tuple[str, ...] = DEFAULT_QUANTS,
+    quants: tuple[str, ...] | None = None,
     threads: int | None = None,
     repeats: int = 3,
     progress: Callable[[str], None] = lambda _: None,
@@ -149,17 +161,24 @@ def calibrate(
 ) -> Calibration:
     """Tokens/s of each of QUANTS over CALIBRATED_LAYERS layers of SHAPE's layer on this CPU: every file loaded and
     warmed up, then REPEATS rounds in turns; the median per quant, how far its repeats disagree, when, and the
-    highest load average seen. Whether to trust it (Calibration.steady) is the caller's decision."""
+    highest load average seen; QUANTS None: default_quants for this CPU. Whether to trust it (Calibration.steady) is
+    the caller's decision."""
     threads = threads or usable_cores()
+    quants = quants or default_quants(cpu_identity(threads))
     with tempfile.TemporaryDirectory(prefix="calibrate-") as tmp, contextlib.ExitStack() as stack:
         progress(f"writing {CALIBRATED_LAYERS} layers of {shape.name}'s shape")
         f16 = synthetic_gguf(Path(tmp) / "calibration-F16.gguf", shape)
         runs: dict[str, Callable[[], int]] = {}
         for quant in quants:
-            if quant != "F16":
+            if quant == "F16":
+                path = f16
+            elif quant == "BF16":
+                progress("writing BF16")
+                path = synthetic_gguf(Path(tmp) / "calibration-BF16.gguf", shape, outtype="BF16")
+            else:
                 progress(f"quantizing {quant}")
-            weights = imatrix.uniform(f16) if quant in IQUANTS else None
-            path = f16 if quant == "F16" else quantize(f16, [quant], threads=threads, importance=weights)[0]
+                weights = imatrix.uniform(f16) if quant in IQUANTS else None
+                path = quantize(f16, [quant], threads=threads, importance=weights)[0]
             runs[quant] = _timed_run(stack.enter_context(Engine(path, threads)))
         measured_at = datetime.now().astimezone().isoformat(timespec="seconds")
         load = [os.getloadavg()[0]]

@@ -126,7 +126,9 @@ def _show_disk(disk) -> None:
 @click.command()
 @click.option("-m", "--model", default="llama-embed-nemotron-8b", show_default=True, help="Whose layer shape to time.")
 @click.option(
-    "--quants", default="F16,Q8_0,Q6_K,Q5_K_M,Q5_K_S,Q4_K_M,IQ4_XS", show_default=True, help="Comma-separated."
+    "--quants",
+    help="Comma-separated. Default: F16,Q8_0,Q6_K,Q5_K_M,Q5_K_S,Q4_K_M,IQ4_XS, and BF16 where the CPU has BF16 units "
+    "(avx512_bf16, amx_bf16).",
 )
 @click.option(
     "--repeats", type=click.IntRange(2, 20), default=3, show_default=True,
@@ -134,23 +136,28 @@ def _show_disk(disk) -> None:
 )  # fmt: skip
 @click.option("--threads", type=click.IntRange(1, 1024), help="Default: physical cores (what the engine uses).")
 @click.option("--force", is_flag=True, help="Cache the result even when its repeats disagree (a busy machine).")
-def calibrate(model: str, quants: str, repeats: int, threads: int | None, force: bool) -> None:
+def calibrate(model: str, quants: str | None, repeats: int, threads: int | None, force: bool) -> None:
     """Time each quant on this CPU on MODEL's layer shape, in turns; `--auto-quant` and `runner plan` then use it.
 
     A result whose repeats disagree by more than 15 % is shown but not cached (the machine was busy)."""
     from tqdm import tqdm
 
     from planner import calibration
+    from planner.hardware import usable_cores
     from planner.shapes import resolve_shape
     from quantize.errors import UnsteadyTiming
     from quantize.quants import SIZED
     from runner.calibrate import calibrate as run_calibrate
+    from runner.calibrate import default_quants
 
-    chosen = [q.strip().upper() for q in quants.split(",") if q.strip()]
+    if quants is None:
+        chosen = list(default_quants(calibration.cpu_identity(threads or usable_cores())))
+    else:
+        chosen = [q.strip().upper() for q in quants.split(",") if q.strip()]
     if unknown := [q for q in chosen if q not in SIZED]:
         raise BadInput(f"--quants {','.join(unknown)}: unknown quant; choose from {', '.join(SIZED)}")
     shape = resolve_shape(model)
-    steps = 1 + sum(q != "F16" for q in chosen) + repeats  # write, quantize (not F16), then each round
+    steps = 1 + sum(q != "F16" for q in chosen) + repeats  # write, quantize (BF16: write; not F16), then each round
     with tqdm(total=steps, file=sys.stderr, disable=not sys.stderr.isatty(), unit="step") as bar:
 
         def step(message: str) -> None:
