@@ -27,6 +27,7 @@ from quantize.convert import output_path
 from quantize.files import models_home
 from quantize.reference import Kind, ModelRef
 from quantize.source import resolve
+from quantize.store import on_disk
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ def plan_for(
     """
     ref = ModelRef.parse(model)
     shape = resolve_shape(ref)
+    if ref.kind is Kind.STORE and "BF16" not in on_disk(ref.path):
+        # A folder of GGUFs without their checkpoint: an F16 file cannot become the exact BF16 one.
+        shape = replace(shape, dtype=None)
     if quant is None and ref.kind is Kind.GGUF:
         quant = file_quant(ref.path)
     options = options or HardwareOptions()

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from planner.shapes import ModelShape, from_config, from_gguf, hub_config, resolve_shape
-from quantize.convert import conversion_stamp, is_current, made_from, output_path
+from quantize.convert import conversion_stamp, is_current, made_from, output_path, run_outtype
 from quantize.errors import NotEnoughDisk
 from quantize.progress import size
-from quantize.quants import PREFERENCE
+from quantize.quants import PREFERENCE, UNQUANTIZED
 from quantize.reference import Kind, ModelRef
 from quantize.registry import ModelEntry
 from quantize.sizes import file_bytes
@@ -160,8 +160,9 @@ def for_run(model: str | ModelRef, quant: str | None = None, shape: ModelShape |
         return _plan(ref.text, _from_store(ref.path, quant), None)
     entry, repo = ref.entry, ref.repo
     revision = entry.revision if entry else None
+    checkpoint = None  # a local checkpoint's files, to stamp
     if ref.kind is Kind.CHECKPOINT:  # converted into the models home
-        src = resolve(str(ref.path))
+        src = checkpoint = resolve(str(ref.path))
         if quant not in (None, "F16") and (done := made_from(src, quant)) is not None:
             return _plan(ref.text, [DiskItem(quant, done, done.stat().st_size, done.stat().st_size)], None)
     elif ref.kind is Kind.REGISTRY and serves(on_disk(ref.home), quant):
@@ -169,12 +170,13 @@ def for_run(model: str | ModelRef, quant: str | None = None, shape: ModelShape |
     else:  # not downloaded yet: the source names the model (its file names) but has no files to stamp
         src = Source(Path(ref.text), repo, revision, entry)
     shape = shape or resolve_shape(ref)
+    outtype = run_outtype(checkpoint, quant)  # F16, or BF16 as resolve_model converts
     download, local, source = _download(src, entry, repo, revision, shape)
-    f16 = output_path(src, None, "f16")
-    items = [*download, *_converted(local, f16, shape, as_embedder=False)]
-    if quant not in (None, "F16"):
-        exact = items[len(download)].have > 0  # the F16 there is current: size the quant from its own header
-        items.append(_quant(quant, quant_path(f16, quant), from_gguf(f16) if exact else shape, exact))
+    base = output_path(src, None, outtype)
+    items = [*download, *_converted(local, base, shape, as_embedder=False, outtype=outtype.upper())]
+    if quant not in (None, outtype.upper()):
+        exact = items[len(download)].have > 0  # the file there is current: size the quant from its own header
+        items.append(_quant(quant, quant_path(base, quant), from_gguf(base) if exact else shape, exact))
     return _plan(ref.text, items, source)
 
 
@@ -232,8 +234,8 @@ def _from_store(directory: Path, quant: str | None) -> list[DiskItem]:
     if (path := usable(files, quant)) is not None:
         return [DiskItem(quant, path, path.stat().st_size, path.stat().st_size)]
     base = base_file(files)
-    if base is None:
-        return []  # resolve_model says there is nothing to make it from
+    if base is None or quant in UNQUANTIZED:
+        return []  # resolve_model says there is nothing to make it from (an unquantized file needs a conversion)
     exact = from_gguf(base)  # the file's own header and tensors: sizes to the byte
     tag = base.stem.rsplit("-", 1)[-1].upper()
     have = base.stat().st_size

@@ -20,6 +20,10 @@ Rule, in order:
    it comes from this machine's calibration (`runner calibrate`, planner/calibration.py); without one,
    fidelity decides and the plan says how to make one.
 GPU plans keep rules 2-3 whatever --prefer says, until GPU speeds are measured.
+BF16: for a model published in bfloat16 (config.json's torch_dtype) a BF16 file holds the weights exactly at F16's
+size, so it sits beside F16 at the same fidelity. F16 stays first (GPU plans, and CPUs that did not time BF16);
+where this CPU's calibration timed both (it times BF16 where the CPU has BF16 units: AVX512-BF16 or AMX), the
+faster of the two is taken, by every --prefer.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from planner.hardware import NO_OFFLOAD, Hardware
 from planner.memory import Needs, Settings, needs
 from planner.shapes import ModelShape
 from quantize.errors import BadInput
-from quantize.quants import FIDELITY, SIZED
+from quantize.quants import FIDELITY, SIZED, UNQUANTIZED
 
 if TYPE_CHECKING:
     from planner.calibration import Calibration
@@ -194,8 +198,14 @@ def plan(
         raise BadInput(f"--prefer {prefer}: choose from {', '.join(PREFERENCES)}")
     s = Settings(max_length, hw.embeddings_only)
     speeds = cpu_speeds or {}
-    kept = {**(retention or {}), "F16": 1.0}
-    # The ladder, and the i-quants this model has measured files of, by bits per weight.
+    # Retention is the cosine to the model's unquantized weights, which `runner retention` reads from its F16 file,
+    # else F32 or BF16. Both unquantized types count as 1: F16 by definition, and BF16, for a model published in
+    # bfloat16, because it holds those weights bit for bit (F16 holds them too, but for values past its range:
+    # below ~6e-5 it keeps fewer bits, above 65504 none). So BF16 is never less faithful than F16, and between the
+    # two, speed decides on a CPU that timed both (`most_faithful`); on a GPU, and untimed, F16 stays first.
+    bf16 = {"BF16": 1.0} if shape.dtype == "bfloat16" else {}
+    kept = {**(retention or {}), "F16": 1.0, **bf16}
+    # The ladder (BF16 beside F16 for a bfloat16 model), and the i-quants this model has measured files of, by bpw.
     order = [q for q in SIZED if q in FIDELITY or q in kept]
     rows = tuple(
         replace(evaluate(shape, q, hw, s), cpu_tokens_per_s=speeds.get(q), retention=kept.get(q)) for q in order
@@ -257,7 +267,8 @@ def plan(
         fast = [r for r in on_cpu if r.quant in speeds and order.index(r.quant) <= order.index(SPEED_FLOOR)]
         rule = f"the fastest quant on this CPU at {SPEED_FLOOR} or above"
     else:
-        return done(most_faithful(on_cpu), f"{why}; the highest-fidelity quant that fits in RAM")
+        best = most_faithful(on_cpu, speeds)
+        return done(best, f"{why}; the highest-fidelity quant that fits in RAM{_faster_than_f16(best, speeds)}")
     if fast:
         best = max(fast, key=lambda r: (speeds[r.quant], -order.index(r.quant)))
         faster = [q for q in unmeasured if speeds[q] > speeds[best.quant]]
@@ -266,15 +277,26 @@ def plan(
     hint = CALIBRATE_HINT if not speeds else "no calibrated quant qualifies"
     if unmeasured:
         hint += f"; {RETENTION_HINT}"
-    return done(most_faithful(on_cpu), f"{why}; the highest-fidelity quant that fits in RAM ({hint})")
+    best = most_faithful(on_cpu, speeds)
+    return done(best, f"{why}; the highest-fidelity quant that fits in RAM{_faster_than_f16(best, speeds)} ({hint})")
 
 
-def most_faithful(rows: list[Row]) -> Row:
+def most_faithful(rows: list[Row], speeds: dict[str, float] | None = None) -> Row:
     """The highest-fidelity of ROWS (in ladder order, not empty): the ladder's first, unless it was measured on
-    this model, then the highest measured cosine to F16 among them (ties to the larger quant)."""
+    this model, then the highest measured cosine to F16 among them; ties to the larger quant, but between F16 and BF16
+    (a bfloat16 model's, both 1) to the faster on this CPU by SPEEDS."""
     if rows[0].retention is None:
         return rows[0]
-    return max((r for r in rows if r.retention is not None), key=lambda r: r.retention)
+    measured = [r for r in rows if r.retention is not None]
+    speeds = {q: v for q, v in (speeds or {}).items() if q in UNQUANTIZED}
+    return max(measured, key=lambda r: (r.retention, speeds.get(r.quant, 0.0), -rows.index(r)))
+
+
+def _faster_than_f16(row: Row, speeds: dict[str, float]) -> str:
+    """What the reason adds when BF16 won over F16 on this CPU's speed."""
+    if row.quant != "BF16" or not {"F16", "BF16"} <= speeds.keys():
+        return ""
+    return f" (BF16: the published bfloat16 weights exactly, {speeds['BF16'] / speeds['F16']:.2f}x F16's speed here)"
 
 
 def _cpu_only(hw: Hardware) -> Hardware:

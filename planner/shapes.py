@@ -16,10 +16,10 @@ from quantize.architectures import for_config
 from quantize.errors import BadInput, CorruptModelFile, ModelNotFound
 from quantize.gguf_check import check_gguf
 from quantize.manifest import read_metadata
-from quantize.quants import FIDELITY
+from quantize.quants import PLANNED
 from quantize.reference import Kind, ModelRef
 from quantize.sizes import TensorSpec
-from quantize.source import package_dir, read_config
+from quantize.source import package_dir, read_config, weights_dtype
 
 F16, F32 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
 HEADER_SLACK = 2**16  # general.* keys, prompts, the tensor index: beyond the per-token vocabulary bytes
@@ -43,6 +43,9 @@ class ModelShape:
     mean_pooling: bool = True  # llama.cpp averages (its compute buffer holds the matrix); known once in a GGUF
     max_length: int | None = None  # the default input length a converted file records (registry's)
     key_length: int | None = None  # per-head width when it is not hidden / heads (Qwen3-0.6B, 4B)
+    # The published weights' type, config.json's torch_dtype (bfloat16, float16, float32; a GGUF records it from its
+    # conversion); None: not known (models.toml's shape tables). A bfloat16 model makes BF16 a candidate.
+    dtype: str | None = None
 
     @property
     def head_dim(self) -> int:
@@ -72,6 +75,7 @@ def from_config(name: str, config: dict) -> ModelShape:
         head_bytes=family.head_bytes(),
         per_token_outputs=family.per_token_outputs,
         key_length=t.head_dim,
+        dtype=weights_dtype(config),
     )
 
 
@@ -116,6 +120,7 @@ def from_gguf(path: Path) -> ModelShape:
         mean_pooling=fields.get(f"{arch}.pooling_type", gguf.PoolingType.MEAN) == gguf.PoolingType.MEAN,
         max_length=int(fields[gguf_keys.MAX_LENGTH]) if isinstance(fields.get(gguf_keys.MAX_LENGTH), int) else None,
         key_length=fields.get(f"{arch}.attention.key_length"),
+        dtype=dtype if isinstance(dtype := fields.get(gguf_keys.SOURCE_DTYPE), str) else None,
     )
 
 
@@ -159,9 +164,9 @@ def hub_config(repo: str, revision: str | None) -> dict | None:
 
 
 def _ggufs(directory: Path) -> list[Path]:
-    """Trunk GGUFs in DIRECTORY, F16 first (the exact layout), sidecars left out."""
+    """Trunk GGUFs in DIRECTORY, BF16 then F16 first (the exact layout), sidecars left out."""
     files = [p for p in sorted(directory.glob("*.gguf")) if not p.name.endswith(".head.gguf")]
-    return sorted(files, key=lambda p: (not p.stem.endswith("-F16"), p.name))
+    return sorted(files, key=lambda p: (not p.stem.endswith(("-F16", "-BF16")), p.name))
 
 
 def file_quant(path: Path) -> str:
@@ -174,6 +179,6 @@ def file_quant(path: Path) -> str:
     except (ValueError, TypeError):
         raise CorruptModelFile(f"{path}: general.file_type {ftype!r} is not a llama.cpp file type") from None
     quant = name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    if quant not in FIDELITY:  # named here: left to the policy, it read as a --quant the user never gave
-        raise BadInput(f"{path}: a {quant} file; the planner sizes {', '.join(FIDELITY)} (runner embed runs it as is)")
+    if quant not in PLANNED:  # named here: left to the policy, it read as a --quant the user never gave
+        raise BadInput(f"{path}: a {quant} file; the planner sizes {', '.join(PLANNED)} (runner embed runs it as is)")
     return quant

@@ -27,7 +27,7 @@ from quantize.files import atomic_path, models_home, sha256
 from quantize.manifest import read_metadata, record
 from quantize.progress import SILENT, Progress, rate, size
 from quantize.registry import ModelEntry
-from quantize.source import Source, read_config, resolve, source_files
+from quantize.source import Source, read_config, resolve, source_files, weights_dtype
 from quantize.store import quant_path
 from quantize.vocab import add_vocab
 
@@ -37,6 +37,7 @@ OUTTYPES = {
     "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
     "bf16": (gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16),
 }
+RUN_OUTTYPES = ("f16", "bf16")  # what a run converts to (run_outtype); f32 only when asked
 POOLING_TYPES = {
     "mean": gguf.PoolingType.MEAN,
     "cls": gguf.PoolingType.CLS,
@@ -87,6 +88,8 @@ def convert(
     started = time.perf_counter()
     tensors = open_checkpoint(src.path)
     extra: dict[str, object] = {gguf_keys.SOURCE_STAMP: stamp}
+    if dtype := weights_dtype(read_config(src.path)):
+        extra[gguf_keys.SOURCE_DTYPE] = dtype
     head = family.head_tensors(lambda n: tensors[n].load() if n in tensors else None)
     if head is not None:
         head_path = write_head(family, head, outdir / f"{name}.head.gguf")
@@ -133,10 +136,24 @@ def conversion_stamp(
 
 
 def made_from(src: Source, quant: str) -> Path | None:
-    """QUANT's file in SRC's model directory when it was made from this very source (the F16's stamp travels
-    into every quant): a run can take it without converting again, even after --no-keep-f16 removed the F16."""
+    """QUANT's file in SRC's model directory when it was made from this very source (the F16's or BF16's stamp
+    travels into every quant): a run can take it without converting again, even after --no-keep-f16 removed the
+    file it was made from."""
     path = quant_path(output_path(src, None, "f16"), quant.upper())
-    return path if is_current(path, conversion_stamp(src)) else None
+    return path if any(is_current(path, conversion_stamp(src, t)) for t in RUN_OUTTYPES) else None
+
+
+def run_outtype(src: Source | None, quant: str | None) -> str:
+    """What a run that needs QUANT converts SRC to: BF16 for BF16 (a plan takes it only for a bfloat16 model, whose
+    weights it holds exactly), and to make a quant when a current BF16 conversion of SRC is there already (SRC None:
+    not on disk yet); else F16."""
+    if quant == "BF16":
+        return "bf16"
+    if quant not in (None, "F16") and src is not None:
+        bf16 = output_path(src, None, "bf16")
+        if is_current(bf16, conversion_stamp(src, "bf16")) and not output_path(src, None, "f16").is_file():
+            return "bf16"
+    return "f16"
 
 
 def output_name(src: Source) -> str:

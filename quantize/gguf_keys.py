@@ -11,6 +11,9 @@ SOURCE_REVISION = f"{NAMESPACE}.source.revision"
 # a later conversion of an unchanged source reuses the file instead of writing it again.
 SOURCE_STAMP = f"{NAMESPACE}.source.stamp"
 CONVERTER_VERSION = f"{NAMESPACE}.converter.version"
+# The checkpoint's weights type as its config.json names it (bfloat16, float16, float32): whether a BF16 file holds
+# them exactly, which the planner needs once only GGUFs are at hand.
+SOURCE_DTYPE = f"{NAMESPACE}.source.dtype"
 POOLING = f"{NAMESPACE}.pooling"
 MAX_LENGTH = f"{NAMESPACE}.max_length"
 QUERY_PROMPT = f"{NAMESPACE}.prompt.query"

@@ -170,6 +170,12 @@ def read_config(path: Path) -> dict:
         raise BadInput(f"{path / 'config.json'}: not valid JSON ({e})") from None
 
 
+def weights_dtype(config: dict) -> str | None:
+    """The published weights' type a config.json names: `torch_dtype` (transformers 4), `dtype` (transformers 5)."""
+    dtype = config.get("torch_dtype") or config.get("dtype")
+    return dtype if isinstance(dtype, str) else None
+
+
 def _commit(path: Path) -> str | None:
     """The commit sha of an HF cache snapshot directory (`.../snapshots/<sha>`), else None."""
     path = path.resolve()

@@ -63,23 +63,27 @@ def base_file(files: dict[str, Path]) -> Path | None:
     return next((files[q] for q in UNQUANTIZED if q in files), None)
 
 
-def usable(files: dict[str, Path], quant: str) -> Path | None:
+def usable(files: dict[str, Path], quant: str, base: Path | None = None) -> Path | None:
     """QUANT's file in FILES when a run can take it as it is: it exists and was made from the same conversion
-    as the unquantized file beside it (a quant of an older conversion is made again)."""
-    path, base = files.get(quant), base_file(files)
+    as BASE (default: as an unquantized file beside it, F16 or BF16, either may be the source); a quant of an older
+    conversion is made again."""
+    path = files.get(quant)
     if path is None:
         return None
-    if base is None or quant in UNQUANTIZED or _stamp(path) == _stamp(base):
+    bases = [base] if base is not None else [files[q] for q in UNQUANTIZED if q in files]
+    if not bases or quant in UNQUANTIZED or _stamp(path) in {_stamp(b) for b in bases}:
         return path
     return None
 
 
 def serves(files: dict[str, Path], quant: str | None) -> bool:
     """A model directory holding FILES gives QUANT without its checkpoint: QUANT's file is usable as it is, or
-    an unquantized file is there to make it from (QUANT None: any file will do)."""
+    an unquantized file is there to make it from (QUANT None: any file will do). An unquantized type is made
+    only by a conversion: an F16 file is no source for the exact BF16 one, nor the other way round."""
     if quant is None:
         return bool(files)
-    return usable(files, quant.upper()) is not None or base_file(files) is not None
+    quant = quant.upper()
+    return usable(files, quant) is not None or (quant not in UNQUANTIZED and base_file(files) is not None)
 
 
 def _stamp(path: Path) -> object:

@@ -21,14 +21,14 @@ from planner import HardwareOptions, disk, plan_for
 from planner.hardware import NO_OFFLOAD
 from planner.policy import Plan
 from quantize import gguf_keys
-from quantize.convert import convert, made_from, output_path
+from quantize.convert import convert, made_from, output_path, run_outtype
 from quantize.errors import BadInput, ModelNotFound, UserError
 from quantize.files import models_home
 from quantize.gguf_check import check_gguf
 from quantize.ladder import quantize
 from quantize.manifest import content_sha256, pin, pinned, read_metadata, recorded_sha256
 from quantize.progress import SILENT, Progress, size
-from quantize.quants import FIDELITY, LADDER, PREFERENCE
+from quantize.quants import LADDER, PLANNED, PREFERENCE
 from quantize.reference import Kind, ModelRef
 from quantize.source import Source, resolve
 from quantize.store import base_file, on_disk, remove, serves, usable
@@ -156,7 +156,7 @@ def plan_run(
     if held is None or planned.chosen.quant == held["quant"]:
         return planned
     other = planned.chosen.quant
-    if held["quant"] not in FIDELITY:
+    if held["quant"] not in PLANNED:
         if not for_run:
             return replace(
                 planned,
@@ -263,18 +263,20 @@ def _pin(path: Path, held: dict | None, progress: Progress) -> None:
         log.warning("%s: cannot pin %s (%s); runs pick the highest fidelity on disk", path.parent, quant, e)
 
 
-def _pick(directory: Path, quant: str | None, keep_f16: bool = True, progress: Progress = SILENT) -> Path:
-    """QUANT's file in DIRECTORY (default: the highest fidelity there), made from the F16 when missing or
-    when it was made from an older conversion than the F16 beside it."""
+def _pick(
+    directory: Path, quant: str | None, keep_f16: bool = True, progress: Progress = SILENT, base: Path | None = None
+) -> Path:
+    """QUANT's file in DIRECTORY (default: the highest fidelity there), made from BASE (default: the unquantized
+    file there, F16 or BF16) when missing or when it was made from another conversion."""
     files = on_disk(directory)
     if not files:
         raise ModelNotFound(f"{directory}: no <name>-<QUANT>.gguf files here; run `runner convert` first")
     if quant is None:
         return files[min(files, key=PREFERENCE.index)]
     quant = quant.upper()
-    if (path := usable(files, quant)) is not None:
+    if (path := usable(files, quant, base)) is not None:
         return path
-    base = base_file(files)
+    base = base or base_file(files)
     if base is None or quant not in LADDER:
         raise ModelNotFound(f"{directory}: no {quant} file and nothing to make it from; have {', '.join(files)}")
     made = quantize(base, [quant], progress=progress)[0]
@@ -297,7 +299,9 @@ def _pick(directory: Path, quant: str | None, keep_f16: bool = True, progress: P
 def _from_checkpoint(ref: ModelRef, quant: str | None, keep_f16: bool, progress: Progress) -> Path:
     """An HF checkpoint, a registry model or a hub repo, converted (once) into the models home."""
     source = str(ref.path) if ref.kind is Kind.CHECKPOINT else ref.text
-    if quant and ref.kind is Kind.CHECKPOINT and (done := made_from(resolve(source), quant)) is not None:
+    local = resolve(source) if ref.kind is Kind.CHECKPOINT else None
+    if quant and local is not None and (done := made_from(local, quant)) is not None:
         return done  # a local checkpoint's quant made from these very files (its F16 may be gone: --no-keep-f16)
-    f16 = convert(source, progress=progress)  # reused when this source was converted before and has not changed
-    return _pick(f16.parent, quant or "F16", keep_f16, progress)
+    # F16, or BF16 where the plan picked it (reused when this source was converted before and has not changed).
+    base = convert(source, outtype=run_outtype(local, quant), progress=progress)
+    return _pick(base.parent, quant or "F16", keep_f16, progress, base)
