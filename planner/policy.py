@@ -201,8 +201,10 @@ def plan(
     # Retention is the cosine to the model's unquantized weights, which `runner retention` reads from its F16 file,
     # else F32 or BF16. Both unquantized types count as 1: F16 by definition, and BF16, for a model published in
     # bfloat16, because it holds those weights bit for bit (F16 holds them too, but for values past its range:
-    # below ~6e-5 it keeps fewer bits, above 65504 none). So BF16 is never less faithful than F16, and between the
-    # two, speed decides on a CPU that timed both (`most_faithful`); on a GPU, and untimed, F16 stays first.
+    # below ~6e-5 it keeps fewer bits, above 65504 none). Their vectors differ past the fifth digit either way
+    # (llama.cpp rounds a matmul's activations to bf16 for BF16 weights, to f16 for F16), both inside the parity
+    # bound of the float32 reference (tests/test_bf16.py), so between the two speed decides on a CPU that timed both
+    # (`most_faithful`); on a GPU, and untimed, F16 stays first.
     bf16 = {"BF16": 1.0} if shape.dtype == "bfloat16" else {}
     kept = {**(retention or {}), "F16": 1.0, **bf16}
     # The ladder (BF16 beside F16 for a bfloat16 model), and the i-quants this model has measured files of, by bpw.
