@@ -6,12 +6,10 @@ finds, so plans can be made for other machines and tests can fabricate hardware.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass, field, replace
 
 import psutil
@@ -85,56 +83,6 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):  # Linux
         cores = min(cores, len(os.sched_getaffinity(0)) or cores)
     return cores
-
-
-def usable_cpus() -> list[int]:
-    """The logical CPUs this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return sorted(os.sched_getaffinity(0))
-    return list(range(psutil.cpu_count() or 1))
-
-
-@dataclass(frozen=True)
-class CpuTimes:
-    """CPU time counters at one moment: what others_busy_cores compares."""
-
-    wall: float  # time.monotonic()
-    busy: float  # CPU-seconds the usable CPUs spent busy (every process, and time a hypervisor took)
-    own: float  # CPU-seconds this process spent (all its threads)
-
-
-def cpu_times() -> CpuTimes:
-    per_cpu = psutil.cpu_times(percpu=True)
-    cpus = [c for c in usable_cpus() if c < len(per_cpu)] or range(len(per_cpu))
-    # guest time is already inside user time; steal counts as busy: a CPU the hypervisor took is not ours either.
-    busy = sum(
-        t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
-        for t in (per_cpu[c] for c in cpus)
-    )
-    own = psutil.Process().cpu_times()
-    return CpuTimes(time.monotonic(), busy, own.user + own.system)
-
-
-def others_busy_cores(before: CpuTimes, after: CpuTimes, cores: int | None = None) -> float:
-    """How many of this process's usable cores other processes kept busy between two samples, on average.
-
-    Logical CPUs are counted as cores in proportion (a busy hyperthread sibling is half a core)."""
-    wall = after.wall - before.wall
-    if wall <= 0:
-        return 0.0
-    logical = len(usable_cpus())
-    cores = cores or usable_cores()
-    others = max(0.0, (after.busy - before.busy) - (after.own - before.own)) / wall
-    return others * cores / max(logical, cores)
-
-
-def threads_for_load(most: int, others_busy: float) -> int:
-    """Engine threads when other processes keep OTHERS_BUSY cores busy: one fewer than MOST for each core they
-    take half of or more, at least one. llama.cpp's threads wait for each other at a spinning barrier after
-    every op, so one thread the scheduler parks beside another process stalls all of them for a time slice:
-    with a single-threaded job busy on a 2-core CPU, two engine threads ran 2.3-3.2x slower than one
-    (`python -m bench.threads_under_load`)."""
-    return max(1, most - math.floor(others_busy + 0.5))
 
 
 def probe() -> Hardware:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import quantize  # noqa: F401  (sets how llama.cpp's threads wait before runner.engine loads it: quantize/openmp.py)
+
 if TYPE_CHECKING:
     from runner.api import Embedder
 

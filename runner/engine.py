@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import time
 import unicodedata
 from pathlib import Path
 
@@ -23,19 +22,13 @@ import llama_cpp
 import numpy as np
 
 from planner.batching import MIN_TOKEN_BUDGET, max_seqs, pack, token_budget
-from planner.hardware import cpu_times, others_busy_cores, threads_for_load, usable_cores
+from planner.hardware import usable_cores
 from quantize import gguf_keys, llamacpp
 from quantize.errors import BadInput, CorruptModelFile, EngineError, OutOfMemory
 from quantize.gguf_check import check_gguf, plain_file_name
 from runner.latent_attention import LatentAttentionHead
 
 log = logging.getLogger("runner")
-
-# With the default thread count the engine follows the CPU's load: it counts what other processes used over the
-# first FIRST_LOAD_WINDOW_S seconds after loading, then over every LOAD_WINDOW_S, and sets its threads between two
-# micro-batches (planner.hardware.threads_for_load). A window this long spans dozens of scheduler slices.
-FIRST_LOAD_WINDOW_S = 0.25
-LOAD_WINDOW_S = 1.0
 
 
 class Engine:
@@ -49,17 +42,11 @@ class Engine:
         tensor_split: list[float] | None = None,
         packed: bool | None = None,
     ) -> None:
-        """PACKED: several sequences per micro-batch (None: only with GPU layers, which need wide batches).
-
-        N_THREADS None: the usable cores less those other processes keep busy, followed as the load changes;
-        a number: that many threads, always."""
+        """PACKED: several sequences per micro-batch (None: only with GPU layers, which need wide batches)."""
         llamacpp.init()
         self.packed = n_gpu_layers > 0 if packed is None else packed
         self.path = Path(path)
-        self.n_threads = self.max_threads = llamacpp.thread_count(n_threads, usable_cores())
-        self.follows_load = n_threads is None and self.max_threads > 1
-        self._load_mark = cpu_times() if self.follows_load else None
-        self._load_window = FIRST_LOAD_WINDOW_S
+        self.n_threads = llamacpp.thread_count(n_threads, usable_cores())
         # llama.cpp trusts a GGUF's hyper-parameters (a bad one aborts the process): check them first.
         check_gguf(self.path)
         params = llama_cpp.llama_model_default_params()
@@ -255,8 +242,6 @@ class Engine:
             self._seq[n : n + k] = s
             n += k
         self._batch.n_tokens = n
-        if self.follows_load:
-            self._follow_load()
         mem = llama_cpp.llama_get_memory(self._ctx)
         if mem:
             llama_cpp.llama_memory_clear(mem, True)
@@ -274,22 +259,6 @@ class Engine:
             if not ptr:
                 raise EngineError(f"{self.path}: no pooled embedding from llama.cpp (is pooling set in the GGUF?)")
             out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_embd,))
-
-    def _follow_load(self) -> None:
-        """Set the threads for what other processes used since the last look, once a window has passed."""
-        if time.monotonic() - self._load_mark.wall < self._load_window:
-            return
-        now = cpu_times()
-        others = others_busy_cores(self._load_mark, now, self.max_threads)
-        self._load_mark, self._load_window = now, LOAD_WINDOW_S
-        threads = threads_for_load(self.max_threads, others)
-        if threads != self.n_threads:
-            log.info(
-                "engine threads %d -> %d: other processes keep %.1f of %d cores busy",
-                self.n_threads, threads, others, self.max_threads,
-            )  # fmt: skip
-            self.n_threads = threads
-            llama_cpp.llama_set_n_threads(self._ctx, threads, threads)
 
     def _free_context(self) -> None:
         if self._ctx is not None:

@@ -1,95 +1,57 @@
-"""The default thread count follows the CPU's load: the usable cores less those other processes keep busy
-(planner.hardware.threads_for_load), set between micro-batches; an explicit --threads never changes. The speed
-it buys is measured by `python -m bench.threads_under_load`, not here."""
+"""How llama.cpp's threads wait at their barriers is set before its library loads (quantize/openmp.py): a short
+spin, unless the user said otherwise; and a vector does not depend on the thread count. The speed this buys is
+measured by `python -m bench.threads_under_load`, not here."""
 
 from __future__ import annotations
 
-import time
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from planner import hardware
-from planner.hardware import CpuTimes, others_busy_cores, threads_for_load
-from runner import engine as engine_module
+from quantize.openmp import SPIN_COUNT, WAIT_SETTINGS
 from runner.engine import Engine
 
-
-@pytest.mark.parametrize(
-    "most,others,threads",
-    [(2, 0.0, 2), (2, 0.3, 2), (2, 0.49, 2), (2, 0.5, 1), (2, 0.67, 1), (2, 1.0, 1), (2, 5.0, 1), (1, 0.9, 1),
-     (16, 0.2, 16), (16, 4.2, 12), (16, 7.6, 8), (16, 40.0, 1)],
-)  # fmt: skip
-def test_threads_for_load(most: int, others: float, threads: int) -> None:
-    assert threads_for_load(most, others) == threads
+# What libgomp itself read at load: omp_display_env prints its settings, after runner.engine loaded llama.cpp.
+SHOW = """
+import ctypes, ctypes.util, runner.engine
+ctypes.CDLL(ctypes.util.find_library("gomp") or "libgomp.so.1").omp_display_env(1)
+"""
 
 
-def test_others_busy_cores_leaves_out_this_process(monkeypatch) -> None:
-    monkeypatch.setattr(hardware, "usable_cpus", lambda: [0, 1])
-    before = CpuTimes(wall=10.0, busy=100.0, own=5.0)
-    # 2 s: the CPUs were busy 3.2 CPU-seconds, 1.8 of them this process's own threads.
-    after = CpuTimes(wall=12.0, busy=103.2, own=6.8)
-    assert others_busy_cores(before, after, cores=2) == pytest.approx(0.7)
-    assert others_busy_cores(after, after, cores=2) == 0.0  # no time passed: nothing to say
-    # Two hyperthreads per core: a busy logical CPU is half a core.
-    monkeypatch.setattr(hardware, "usable_cpus", lambda: [0, 1, 2, 3])
-    assert others_busy_cores(before, CpuTimes(12.0, 102.0, 5.0), cores=2) == pytest.approx(0.5)
-    # Counters of a process that ended can make busy - own negative over a window: never below none.
-    assert others_busy_cores(before, CpuTimes(12.0, 100.0, 7.0), cores=2) == 0.0
+def libgomp_settings(env: dict[str, str]) -> str:
+    clean = {k: v for k, v in os.environ.items() if k not in WAIT_SETTINGS}
+    run = subprocess.run([sys.executable, "-c", SHOW], env=clean | env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stderr + run.stdout
 
 
-class FakeLoad:
-    """cpu_times as a machine where other processes keep `others` cores busy."""
+def engine_uses_libgomp() -> bool:
+    import llama_cpp
 
-    def __init__(self) -> None:
-        self.others = 0.0
-        self.last = CpuTimes(time.monotonic(), 0.0, 0.0)
-
-    def __call__(self) -> CpuTimes:
-        now = time.monotonic()
-        self.last = CpuTimes(now, self.last.busy + self.others * (now - self.last.wall), 0.0)
-        return self.last
+    lib = os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-cpu.so")
+    ldd = subprocess.run(["ldd", lib], capture_output=True, text=True) if os.path.exists(lib) else None
+    return bool(ldd and "libgomp" in ldd.stdout)
 
 
-@pytest.fixture
-def two_cores(monkeypatch) -> FakeLoad:
-    if (__import__("os").cpu_count() or 1) < 2:
-        pytest.skip("needs 2 logical CPUs for a 2-thread engine")
-    load = FakeLoad()
-    monkeypatch.setattr(engine_module, "usable_cores", lambda: 2)
-    monkeypatch.setattr(engine_module, "cpu_times", load)
-    monkeypatch.setattr(engine_module, "FIRST_LOAD_WINDOW_S", 0.0)
-    monkeypatch.setattr(engine_module, "LOAD_WINDOW_S", 0.0)
-    return load
+@pytest.mark.skipif(sys.platform != "linux", reason="libgomp's settings, read on Linux")
+def test_threads_spin_briefly_unless_the_user_says_otherwise() -> None:
+    if not engine_uses_libgomp():
+        pytest.skip("this engine build does not run its threads on GCC's OpenMP")
+    assert f"GOMP_SPINCOUNT = '{SPIN_COUNT}'" in libgomp_settings({})
+    assert "GOMP_SPINCOUNT = '300000'" in libgomp_settings({"GOMP_SPINCOUNT": "300000"})
+    assert "OMP_WAIT_POLICY = 'ACTIVE'" in libgomp_settings({"OMP_WAIT_POLICY": "active"})
 
 
-def test_default_threads_follow_the_load_and_the_vectors_do_not(tiny, two_cores) -> None:
+def test_vectors_do_not_depend_on_the_thread_count(tiny) -> None:
+    """Each thread takes whole rows of a matrix product; no row's sum changes with how many threads there are."""
     path = tiny("nemotron").gguf("f16")
     texts = ["a first text about rivers", "a second, somewhat longer text about mountains and snow"]
-    with Engine(path) as engine:
-        seqs = [engine.tokenize(t) for t in texts]
-        assert engine.follows_load and engine.n_threads == 2
-        quiet = engine.embed_tokens(seqs)
-        assert engine.n_threads == 2
-        two_cores.others = 1.0  # another process takes a core
-        time.sleep(0.01)
-        busy = engine.embed_tokens(seqs)
-        assert engine.n_threads == 1
-        two_cores.others = 0.2  # it ends; a light one stays
-        time.sleep(0.01)
-        engine.embed_tokens(seqs)
-        assert engine.n_threads == 2
-    # The thread count splits each matmul's rows among threads; no row's sum changes with it.
-    np.testing.assert_array_equal(quiet, busy)
-    with Engine(path, n_threads=1) as one:
-        np.testing.assert_array_equal(one.embed_tokens(seqs), quiet)
-
-
-def test_explicit_threads_never_change(tiny, two_cores) -> None:
-    two_cores.others = 1.0
-    with Engine(tiny("nemotron").gguf("f16"), n_threads=2) as engine:
-        seqs = [engine.tokenize("a text")]
-        for _ in range(3):
-            time.sleep(0.01)
-            engine.embed_tokens(seqs)
-        assert not engine.follows_load and engine.n_threads == 2
+    vectors = []
+    for threads in (1, 2, 3):
+        with Engine(path, n_threads=min(threads, os.cpu_count() or 1)) as engine:
+            vectors.append(engine.embed_tokens([engine.tokenize(t) for t in texts]))
+    np.testing.assert_array_equal(vectors[0], vectors[1])
+    np.testing.assert_array_equal(vectors[0], vectors[2])

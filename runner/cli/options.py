@@ -89,11 +89,7 @@ def max_length_option(f: F) -> F:
 
 def threads_option(f: F) -> F:
     """--threads for the engine; the engine bounds it by the logical CPUs."""
-    return click.option(
-        "--threads",
-        type=AT_LEAST_1,
-        help="Engine threads (default: the usable cores less those other processes keep busy, as the load changes).",
-    )(f)
+    return click.option("--threads", type=AT_LEAST_1, help="Engine threads (default: physical cores).")(f)
 
 
 def packed_option(f: F) -> F:
