@@ -55,3 +55,18 @@ def test_vectors_do_not_depend_on_the_thread_count(tiny) -> None:
             vectors.append(engine.embed_tokens([engine.tokenize(t) for t in texts]))
     np.testing.assert_array_equal(vectors[0], vectors[1])
     np.testing.assert_array_equal(vectors[0], vectors[2])
+
+
+def test_the_bench_runs_each_setting_in_its_own_process_and_the_default_unset() -> None:
+    from bench import threads_under_load as bench
+
+    cs = bench.contenders(2, [0, 5000])
+    assert [c.threads for c in cs] == [1, 2, 2, 2, None]
+    assert [c.env.get("GOMP_SPINCOUNT") for c in cs] == ["300000", "300000", "0", "5000", None]
+    assert cs[-1].env == {}  # the runner's own default (quantize/openmp.py) decides
+    assert [c.threads for c in bench.contenders(1, [])] == [1, None]
+    args = bench.parse_args(["--loads", "0,1.5", "--spins", "0,1000"])
+    assert args.loads == [0.0, 1.5] and args.spins == [0, 1000]
+    for bad in (["--loads", "one"], ["--loads", "-1"], ["--spins", "x"], ["--models", "bert"], ["--rounds", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
