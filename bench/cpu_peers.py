@@ -7,7 +7,8 @@ Models: (a) all-MiniLM-L6-v2's real weights (mean pooling + L2 norm, as sentence
 (b) SmolLM2-135M's real weights as a bidirectional mean-pooling embedder, (c) a random Llama-3.1-8B-shaped
 checkpoint cut to 2 layers (bench.cpu_quants builds it; 4096 wide, FFN 14336, Llama-3 vocabulary), mean
 pooling over the last hidden state. Systems, each timed from texts to normalised vectors (tokenizing included):
-- ours: `Pipeline.embed` on the model's GGUF at F16 and each of --quants (llama.cpp's own quantizer);
+- ours: `Pipeline.embed` on the model's GGUF at each of --quants (F16 and BF16 converted from the checkpoint,
+  BF16 by default only where the CPU has BF16 units; the others made by llama.cpp's own quantizer);
 - torch fp32: transformers, sdpa attention, batches of 32 sorted by length (as sentence-transformers does);
 - torch bf16 (autocast): only where the CPU has BF16 units (avx512_bf16 or AMX), else a "skipped" line;
 - ONNX Runtime fp32 and dynamic int8: the same torch module (model + pooling + norm) exported here with
@@ -347,7 +348,10 @@ def variants(args: argparse.Namespace) -> list[tuple[str, int, bool | None]]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.cpu_peers", description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help="Comma-separated, of %(default)s.")
-    p.add_argument("--quants", default=",".join(QUANTS), help="Ours: F16 and/or ladder quants (default %(default)s).")
+    p.add_argument(
+        "--quants",
+        help=f"Ours: F16, BF16 and/or ladder quants (default {','.join(QUANTS)}; BF16 too on a CPU with BF16 units).",
+    )
     p.add_argument("--threads", type=int, default=usable_cores(), help="For every system (default %(default)s).")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--short", type=int, default=32, help="Short texts (10-60 words).")
@@ -359,9 +363,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.models = [m.strip().lower() for m in args.models.split(",") if m.strip()]
     if bad := [m for m in args.models if m not in MODELS]:
         p.error(f"unknown model {', '.join(bad)} in --models; choose from {', '.join(MODELS)}")
+    if args.quants is None:
+        args.quants = ",".join(QUANTS + (["BF16"] if has_bf16_units(cpu_flags()) else []))
     args.quants = [q.strip().upper() for q in args.quants.split(",") if q.strip()]
-    if bad := [q for q in args.quants if q not in ("F16", *LADDER)]:
-        p.error(f"unknown quant {', '.join(bad)} in --quants; choose from F16, {', '.join(LADDER)}")
+    if bad := [q for q in args.quants if q not in ("F16", "BF16", *LADDER)]:
+        p.error(f"unknown quant {', '.join(bad)} in --quants; choose from F16, BF16, {', '.join(LADDER)}")
     for name in ("threads", "rounds", "short", "passages", "ours_threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

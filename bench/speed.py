@@ -50,15 +50,18 @@ def timed(fn, repeats: int = 1):
 
 
 def ggufs(source: str, workdir: Path, as_embedder: bool, quants: list[str]) -> dict[str, Path]:
+    """{quant: GGUF} of SOURCE in QUANTS' order: F16 and BF16 converted from the checkpoint, the ladder's quants
+    made from the F16 file; each built once in WORKDIR."""
     name = Path(source).name if Path(source).exists() else source
-    f16 = workdir / f"{name}-F16.gguf"
-    if not f16.is_file():
-        f16 = convert(source, workdir, "f16", as_embedder=as_embedder)
-    files = {"F16": f16} if "F16" in quants else {}
-    for q in (q for q in quants if q != "F16"):
-        path = quant_path(f16, q)
-        files[q] = path if path.is_file() else quantize(f16, [q])[0]
-    return files
+    files = {}
+    for base in ("F16", "BF16"):
+        path = workdir / f"{name}-{base}.gguf"
+        if base in quants or base == "F16":
+            files[base] = path if path.is_file() else convert(source, workdir, base.lower(), as_embedder=as_embedder)
+    for q in (q for q in quants if q not in files):
+        path = quant_path(files["F16"], q)
+        files[q] = path if path.is_file() else quantize(files["F16"], [q])[0]
+    return {q: files[q] for q in quants}
 
 
 def bare_decode_seconds(engine: Engine, seqs: list[np.ndarray]) -> float:

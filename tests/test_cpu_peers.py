@@ -11,11 +11,17 @@ from bench import cpu_peers
 SAPPHIRE_RAPIDS = ["avx", "avx2", "fma", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"]
 
 
-def test_defaults_fit_the_brief() -> None:
+def test_defaults_fit_the_brief(monkeypatch) -> None:
+    flags = cpu_peers.cpu_flags
+    monkeypatch.setattr(cpu_peers, "cpu_flags", lambda: flags(["avx2"]))
     args = cpu_peers.parse_args([])
     assert args.models == ["minilm", "smollm2", "llama8b"]
     assert args.quants == ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"]
     assert (args.rounds, args.short, args.passages, args.packed) == (3, 32, 8, False)
+    # Ours in BF16 by default only where the CPU has BF16 units; --quants BF16 anywhere.
+    monkeypatch.setattr(cpu_peers, "cpu_flags", lambda: flags(SAPPHIRE_RAPIDS))
+    assert cpu_peers.parse_args([]).quants == ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "BF16"]
+    assert cpu_peers.parse_args(["--quants", "f16,bf16"]).quants == ["F16", "BF16"]
 
 
 @pytest.mark.parametrize(
