@@ -43,25 +43,17 @@ def log(msg: str) -> None:
 
 
 def llama8b_ggufs(workdir: Path, layers: int, quants: list[str]) -> dict[str, Path]:
-    """{quant: GGUF} ("F16", "BF16" or a ladder quant) of a random Llama-3.1-8B-shaped checkpoint cut to LAYERS layers,
-    converted and quantized by llama.cpp's own quantizer (the kernels the CPU runs), each built once in WORKDIR."""
-    from quantize.convert import convert
+    """{quant: GGUF} ("F16", "BF16" or a ladder quant) of a random Llama-3.1-8B-shaped checkpoint cut to LAYERS
+    layers, converted and quantized by llama.cpp's own quantizer (the kernels the CPU runs), each built once in
+    WORKDIR."""
+    from bench.speed import ggufs
     from quantize.progress import Progress
 
     ckpt = workdir / f"llama-8b-shape-{layers}l"
     if not (ckpt / "config.json").is_file():
         log(f"building {ckpt}")
         llama3_checkpoint(ckpt, layers)
-    files = {}
-    for base in ("F16", "BF16"):  # converted from the checkpoint; the ladder's quants from the F16 file
-        path = workdir / "gguf" / f"{ckpt.name}-{base}.gguf"
-        if base in quants or base == "F16":
-            files[base] = path if path.is_file() else convert(str(ckpt), workdir / "gguf", base.lower())
-    f16 = files["F16"]
-    missing = [q for q in quants if q not in files and not quant_path(f16, q).is_file()]
-    if missing:
-        quantize(f16, missing, f16.parent, progress=Progress(say=log))
-    return {q: files.get(q) or quant_path(f16, q) for q in quants}
+    return ggufs(str(ckpt), workdir / "gguf", False, quants, Progress(say=log))
 
 
 def tokens_per_second(path: Path, texts: list[str], repeats: int) -> float:

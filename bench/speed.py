@@ -28,6 +28,7 @@ import numpy as np
 from planner.hardware import usable_cores
 from quantize.convert import convert
 from quantize.ladder import quant_path, quantize
+from quantize.progress import SILENT, Progress
 from runner.engine import Engine
 from runner.pipeline import Pipeline
 from tests.corpus import corpus
@@ -49,7 +50,9 @@ def timed(fn, repeats: int = 1):
     return out, statistics.median(times)
 
 
-def ggufs(source: str, workdir: Path, as_embedder: bool, quants: list[str]) -> dict[str, Path]:
+def ggufs(
+    source: str, workdir: Path, as_embedder: bool, quants: list[str], progress: Progress = SILENT
+) -> dict[str, Path]:
     """{quant: GGUF} of SOURCE in QUANTS' order: F16 and BF16 converted from the checkpoint, the ladder's quants
     made from the F16 file; each built once in WORKDIR."""
     name = Path(source).name if Path(source).exists() else source
@@ -58,10 +61,10 @@ def ggufs(source: str, workdir: Path, as_embedder: bool, quants: list[str]) -> d
         path = workdir / f"{name}-{base}.gguf"
         if base in quants or base == "F16":
             files[base] = path if path.is_file() else convert(source, workdir, base.lower(), as_embedder=as_embedder)
-    for q in (q for q in quants if q not in files):
-        path = quant_path(files["F16"], q)
-        files[q] = path if path.is_file() else quantize(files["F16"], [q])[0]
-    return {q: files[q] for q in quants}
+    f16 = files["F16"]
+    if missing := [q for q in quants if q not in files and not quant_path(f16, q).is_file()]:
+        quantize(f16, missing, progress=progress)
+    return {q: files.get(q) or quant_path(f16, q) for q in quants}
 
 
 def bare_decode_seconds(engine: Engine, seqs: list[np.ndarray]) -> float:
