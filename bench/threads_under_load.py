@@ -33,6 +33,7 @@ from quantize.openmp import SPIN_COUNT, WAIT_SETTINGS
 
 MODELS = {"minilm": ("all-MiniLM-L6-v2 F16", "F16"), "llama8b": ("Llama-3.1-8B shape, 2 layers, Q8_0", "Q8_0")}
 PERIOD_S = 0.01  # a partly busy process's duty cycle: busy for a share of every PERIOD_S
+LIBGOMP_SPINS = 300_000  # libgomp's own spin count when neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set
 
 
 def burn(share: float, stop) -> None:
@@ -101,9 +102,6 @@ class Contender:
     def stop(self) -> None:
         self.conn.send(None)
         self.proc.join(30)
-
-
-LIBGOMP_SPINS = 300_000  # libgomp's own spin count when neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set
 
 
 def serve_engine(path: str, threads: int | None, conn) -> None:
